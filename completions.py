@@ -1,0 +1,161 @@
+"""One chat completion: the OpenAI request made into a Dify run, and the run read back as pieces.
+
+Dify is always asked to stream, even when the client wants one JSON body: agent apps
+only stream, and Dify Cloud cuts blocking calls after about 100 s.
+"""
+
+import hashlib
+import hmac
+import logging
+
+from tornado.ioloop import IOLoop
+
+import memory
+from dify_client import DifyError, StreamFailure
+from errors import bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from events import CONTENT, REPLACE, AnswerTranslator
+
+log = logging.getLogger("opendify.completions")
+
+_MAX_USER_FIELD = 64
+
+
+def client_id(secret, api_key):
+    """An opaque, stable id for a client key: Dify users and marks are bound to it, never to the key."""
+    return hmac.new(secret, b"opendify-client\0" + api_key.encode(), hashlib.sha256).hexdigest()[:16]
+
+
+def dify_user(client, request_user=""):
+    """The Dify end user for a request: the client's id, plus the request's own `user` if it sent one,
+    so two client keys never share a Dify end user (nor, through it, a conversation)."""
+    if request_user:
+        return f"opendify-{client}:{request_user[:_MAX_USER_FIELD]}"
+    return f"opendify-{client}"
+
+
+def estimate_tokens(text_length):
+    return max(1, (text_length + 3) // 4) if text_length else 0
+
+
+class Completion:
+    """Drives one Dify run for one OpenAI request and yields its pieces in order."""
+
+    def __init__(self, dify, app, request, user):
+        self.dify = dify
+        self.app = app
+        self.request = request
+        self.user = user
+        self.translator = AnswerTranslator(app.mode, request.model)
+        self.answer_length = 0
+        self.query_length = 0
+        self._stream = None
+        self._cancelled = False
+
+    def dify_request(self):
+        """The Dify path and body for this request (mode 1: the transcript folded into the query)."""
+        query = memory.fold_query(self.request.messages)
+        if not query.strip():
+            raise bad_request("The messages contain no text to send to the app.", param="messages",
+                              code="empty_query")
+        self.query_length = len(query)
+        return "/chat-messages", {
+            "inputs": self.request.inputs,
+            "query": query,
+            "user": self.user,
+            "response_mode": "streaming",
+            "conversation_id": "",
+            "auto_generate_name": False,
+        }
+
+    async def start(self):
+        """Builds the Dify request and opens the stream; early failures raise APIError."""
+        path, body = self.dify_request()
+        self._stream = self.dify.stream(self.app.key, path, body)
+
+    async def next_pieces(self):
+        """The pieces from Dify's next batch of events (possibly none); None once the answer is complete."""
+        translator = self.translator
+        if translator.done or self._cancelled:
+            return None
+        try:
+            events = await self._stream.next_events()
+        except DifyError as error:
+            raise self._dify_error(error)
+        except StreamFailure as failure:
+            raise self._failure_error(failure)
+        if events is None:
+            if self._cancelled:
+                return None
+            if translator.failure is not None:
+                raise translator.failure
+            raise upstream_broken(self.request.model, "ended its answer without finishing it")
+        pieces = []
+        for event in events:
+            found = translator.feed(event)
+            if found:
+                pieces.extend(found)
+                for kind, text in found:
+                    if kind is CONTENT:
+                        self.answer_length += len(text)
+                    elif kind is REPLACE:
+                        self.answer_length = len(text)
+            if translator.done:
+                break
+        return pieces
+
+    async def collect(self):
+        """The whole answer text, for a non-streaming client."""
+        parts = []
+        while (pieces := await self.next_pieces()) is not None:
+            for kind, text in pieces:
+                if kind is CONTENT:
+                    parts.append(text)
+                elif kind is REPLACE:
+                    parts = [text]
+        return "".join(parts)
+
+    def usage(self):
+        """Dify's usage figures, or an estimate from the text lengths when Dify reported none."""
+        usage = self.translator.usage or {}
+        if usage.get("total_tokens") or usage.get("prompt_tokens") or usage.get("completion_tokens"):
+            return usage
+        return {"prompt_tokens": estimate_tokens(self.query_length),
+                "completion_tokens": estimate_tokens(self.answer_length)}
+
+    @property
+    def cancelled(self):
+        return self._cancelled
+
+    def cancel(self):
+        """The client left: stop reading, and ask Dify to stop generating for nobody."""
+        if self._cancelled or self._stream is None:
+            return
+        self._cancelled = True
+        unfinished = not self.translator.done
+        self._stream.close()
+        task_id = self._stream.task_id
+        if unfinished and task_id:
+            IOLoop.current().spawn_callback(self._stop, task_id)
+
+    async def _stop(self, task_id):
+        try:
+            await self.dify.stop(self.app.key, "chat", task_id, self.user)
+            log.info("client left: stopped the Dify task of model %r", self.request.model)
+        except (DifyError, StreamFailure) as error:
+            log.warning("client left, and stopping the Dify task of model %r failed: %s", self.request.model, error)
+
+    def _dify_error(self, error):
+        api = from_dify(error.status, error.code, error.message, self.request.model)
+        if error.retry_after and api.retry_after is None:
+            api.retry_after = error.retry_after
+        return api
+
+    def _failure_error(self, failure):
+        model = self.request.model
+        if failure.kind == "unreachable":
+            return upstream_unreachable(model, failure.detail)
+        if failure.kind == "timeout":
+            return upstream_timeout(model, self.dify.idle_timeout)
+        if failure.kind == "malformed":
+            return upstream_broken(model, failure.detail)
+        return upstream_broken(model, "closed the connection before the answer was complete")

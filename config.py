@@ -1,0 +1,118 @@
+"""Settings from the environment and `.env`.
+
+Real environment variables win over `.env`. Every setting is checked here, once, so
+that a bad value stops start-up with one line that names the setting and the fix,
+instead of surfacing later as a confusing runtime error.
+"""
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from dotenv import dotenv_values
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names it and says how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    dify_api_keys: tuple = field(repr=False)
+    dify_api_base: str
+    valid_api_keys: tuple = field(repr=False)
+    server_host: str = "127.0.0.1"
+    server_port: int = 5000
+    conversation_memory_mode: int = 1
+    dify_connect_timeout: float = 10.0
+    dify_idle_timeout: float = 90.0
+    dify_max_connections: int = 1000
+    keepalive_interval: float = 10.0
+    model_refresh_interval: float = 300.0
+    cors_origins: tuple = ("*",)
+    log_level: str = "INFO"
+    max_request_bytes: int = 40 * 1024 * 1024
+    mark_secret: str = field(default="", repr=False)
+
+
+def _split_list(value):
+    return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _number(env, name, default, kind, low, high):
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}: set it to a number between {low} and {high}")
+    if not low <= value <= high:
+        raise ConfigError(f"{name}={raw!r} is out of range: set it to a number between {low} and {high}")
+    return value
+
+
+def settings_from(env):
+    """Builds Settings from a mapping of variable names to strings (the environment)."""
+    dify_keys = _split_list(env.get("DIFY_API_KEYS", ""))
+    if not dify_keys:
+        raise ConfigError(
+            "DIFY_API_KEYS is empty: set it to your Dify app API keys (app-...), comma separated, "
+            "one per app to serve as a model")
+    if len(set(dify_keys)) != len(dify_keys):
+        raise ConfigError("DIFY_API_KEYS lists the same key twice: list each Dify app key once")
+
+    base = env.get("DIFY_API_BASE", "").strip().rstrip("/")
+    parts = urlsplit(base)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(
+            f"DIFY_API_BASE={base!r} is not an http(s) URL: set it to your Dify API address, "
+            "e.g. https://api.dify.ai/v1 or http://your-dify-host/v1")
+
+    valid_keys = _split_list(env.get("VALID_API_KEYS", ""))
+    if not valid_keys:
+        raise ConfigError(
+            "VALID_API_KEYS is empty: set it to one or more keys (comma separated) that clients must send "
+            "as 'Authorization: Bearer <key>'; the server will not start without it, because an open "
+            "proxy lets anyone spend your Dify quota")
+
+    mode = env.get("CONVERSATION_MEMORY_MODE", "1").strip() or "1"
+    if mode not in ("1", "2"):
+        raise ConfigError(
+            f"CONVERSATION_MEMORY_MODE={mode!r} is not 1 or 2: use 1 (history folded into each query) "
+            "or 2 (Dify keeps the conversation)")
+
+    origins = _split_list(env.get("CORS_ORIGINS", "*")) or ("*",)
+    level = (env.get("LOG_LEVEL", "INFO").strip() or "INFO").upper()
+    if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError(f"LOG_LEVEL={level!r} is unknown: use DEBUG, INFO, WARNING or ERROR")
+
+    return Settings(
+        dify_api_keys=dify_keys,
+        dify_api_base=base,
+        valid_api_keys=valid_keys,
+        server_host=env.get("SERVER_HOST", "").strip() or "127.0.0.1",
+        server_port=_number(env, "SERVER_PORT", 5000, int, 0, 65535),
+        conversation_memory_mode=int(mode),
+        dify_connect_timeout=_number(env, "DIFY_CONNECT_TIMEOUT", 10.0, float, 0.1, 300),
+        dify_idle_timeout=_number(env, "DIFY_IDLE_TIMEOUT", 90.0, float, 0.1, 3600),
+        dify_max_connections=_number(env, "DIFY_MAX_CONNECTIONS", 1000, int, 1, 100000),
+        keepalive_interval=_number(env, "KEEPALIVE_INTERVAL", 10.0, float, 0.05, 300),
+        model_refresh_interval=_number(env, "MODEL_REFRESH_INTERVAL", 300.0, float, 1, 86400),
+        cors_origins=origins,
+        log_level=level,
+        max_request_bytes=_number(env, "MAX_REQUEST_MB", 40, int, 1, 1024) * 1024 * 1024,
+        mark_secret=env.get("MARK_SECRET", "").strip(),
+    )
+
+
+def load_settings(env_file=None):
+    """Reads `.env` (from the working directory, else beside this file) under the real environment."""
+    if env_file is None:
+        env_file = Path.cwd() / ".env"
+        if not env_file.exists():
+            env_file = Path(__file__).with_name(".env")
+    merged = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if Path(env_file).exists() else {}
+    merged.update(os.environ)
+    return settings_from(merged)

@@ -1,0 +1,193 @@
+"""The HTTP surface: thin handlers that parse, delegate and write.
+
+Every response, Tornado's own 404/405/500 included, is JSON in the OpenAI error shape,
+carries the CORS headers browser clients need, and an `x-request-id` that matches the
+access log line.
+"""
+
+import asyncio
+import hashlib
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from tornado.web import RequestHandler
+
+from apps import AppRegistry
+from completions import Completion, client_id, dify_user
+from dify_client import DifyClient
+from errors import APIError, generic
+from openai_api import completion_body, model_object, new_completion_id, parse_body, parse_chat_request
+from streaming import EventStreamResponse, Heartbeat
+
+access_log = logging.getLogger("opendify.access")
+
+
+class Proxy:
+    """What every handler shares: the settings, the Dify connection and the app registry."""
+
+    def __init__(self, settings, secret):
+        self.settings = settings
+        self.secret = secret
+        self.dify = DifyClient(settings.dify_api_base, connect_timeout=settings.dify_connect_timeout,
+                               idle_timeout=settings.dify_idle_timeout,
+                               max_connections=settings.dify_max_connections)
+        self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
+        self.heartbeat = Heartbeat(settings.keepalive_interval)
+        self.refresher = None
+        self.client_keys = [(hashlib.sha256(key.encode()).digest(), client_id(secret, key))
+                            for key in settings.valid_api_keys]
+
+    def client_for(self, token):
+        """The client id of a presented key, or None; every configured key is compared in constant time."""
+        digest = hashlib.sha256(token.encode()).digest()
+        found = None
+        for key_digest, client in self.client_keys:
+            if hmac.compare_digest(digest, key_digest):
+                found = client
+        return found
+
+    def start(self):
+        self.refresher = asyncio.ensure_future(self.registry.keep_fresh())
+
+    def close(self):
+        if self.refresher is not None:
+            self.refresher.cancel()
+        self.heartbeat.stop()
+        self.dify.close()
+
+
+class BaseHandler(RequestHandler):
+    model = None
+    tokens = None
+    error_code = None
+
+    @property
+    def proxy(self):
+        return self.application.settings["proxy"]
+
+    def set_default_headers(self):
+        if not hasattr(self, "request_id"):
+            self.request_id = "req_" + uuid.uuid4().hex[:20]
+            self.started = time.monotonic()
+        self.set_header("x-request-id", self.request_id)
+        self.set_header("Content-Type", "application/json")
+        origin = self.request.headers.get("Origin")
+        allowed = self.proxy.settings.cors_origins
+        if origin and ("*" in allowed or origin in allowed):
+            self.set_header("Access-Control-Allow-Origin", "*" if "*" in allowed else origin)
+            self.set_header("Access-Control-Expose-Headers", "x-request-id, x-dify-conversation-id")
+            if "*" not in allowed:
+                self.set_header("Vary", "Origin")
+
+    def prepare(self):
+        if self.request.method == "OPTIONS":
+            return
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>' with a key from the "
+                                "server's VALID_API_KEYS.", code="invalid_api_key")
+        self.client = self.proxy.client_for(token)
+        if self.client is None:
+            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+
+    def options(self, *args):
+        self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.set_header("Access-Control-Allow-Headers",
+                        self.request.headers.get("Access-Control-Request-Headers") or "Authorization, Content-Type")
+        self.set_header("Access-Control-Max-Age", "86400")
+        self.clear_header("Content-Type")
+        self.set_status(204)
+        self.finish()
+
+    def write_json(self, data):
+        self.finish(json.dumps(data, ensure_ascii=False))
+
+    def write_error(self, status_code, **kwargs):
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if not isinstance(error, APIError):
+            error = generic(status_code, self._reason)
+        self.error_code = error.code
+        for name, value in error.headers().items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(error.body(), ensure_ascii=False))
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self):
+        raise generic(404, "")
+
+
+class ModelsHandler(BaseHandler):
+    def get(self):
+        self.write_json({"object": "list", "data": [model_object(app) for app in self.proxy.registry.all()]})
+
+
+class ModelHandler(BaseHandler):
+    async def get(self, model_id):
+        app = await self.proxy.registry.resolve(model_id)
+        if app is None:
+            raise model_not_found(model_id, self.proxy.registry)
+        self.write_json(model_object(app))
+
+
+def model_not_found(model_id, registry):
+    names = ", ".join(sorted(app.model_id for app in registry.all())) or "none (check the server's DIFY_API_KEYS)"
+    return APIError(404, f"The model '{model_id}' does not exist. Available models: {names}.",
+                    code="model_not_found", param="model")
+
+
+class ChatCompletionsHandler(BaseHandler):
+    completion = None
+
+    async def post(self):
+        request = parse_chat_request(parse_body(self.request.body))
+        self.model = request.model
+        app = await self.proxy.registry.resolve(request.model)
+        if app is None:
+            raise model_not_found(request.model, self.proxy.registry)
+        self.completion_id = new_completion_id()
+        self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user))
+        await self.completion.start()
+        if request.stream:
+            await EventStreamResponse(self, self.completion, self.proxy.heartbeat).run()
+        else:
+            text = await self.completion.collect()
+            if self.completion.cancelled:
+                return
+            usage = self.completion.usage()
+            message = {"role": "assistant", "content": text, "refusal": None}
+            self.write_json(completion_body(self.completion_id, int(time.time()), request.model, message,
+                                            self.completion.translator.finish_reason(), usage))
+        self.tokens = self.completion.usage()
+
+    def on_connection_close(self):
+        if self.completion is not None:
+            self.completion.cancel()
+
+
+def log_request(handler):
+    """One access line per request: id, method, path, status, duration, model, tokens. No keys, no prompts."""
+    status = handler.get_status()
+    duration = 1000.0 * (time.monotonic() - getattr(handler, "started", time.monotonic()))
+    model = getattr(handler, "model", None)
+    tokens = getattr(handler, "tokens", None)
+    token_text = (f" tokens={tokens.get('prompt_tokens', 0)}+{tokens.get('completion_tokens', 0)}"
+                  if tokens else "")
+    error = getattr(handler, "error_code", None)
+    level = logging.INFO if status < 500 else logging.WARNING
+    access_log.log(level, "%s %s %s %d %.1fms%s%s%s", getattr(handler, "request_id", "-"), handler.request.method,
+                   handler.request.path, status, duration, f" model={model!r}" if model else "", token_text,
+                   f" error={error}" if error else "")
+
+
+def routes():
+    return [
+        (r"/v1/models", ModelsHandler),
+        (r"/v1/models/(.+)", ModelHandler),
+        (r"/v1/chat/completions", ChatCompletionsHandler),
+    ]

@@ -1,0 +1,162 @@
+"""The OpenAI side: the request model parsed from a client's body, and the response shapes.
+
+Parsing is lenient by design: every documented field and any unknown one is accepted and
+ignored where Dify cannot honour it, because real clients (Cherry Studio, LibreChat, Roo
+Code) send extras and break on proxies that reject them. Only `model` and `messages` can
+make a request invalid.
+"""
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from json.encoder import encode_basestring, encode_basestring_ascii
+
+from errors import bad_request
+
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+
+
+@dataclass
+class ChatRequest:
+    model: str
+    messages: list
+    stream: bool = False
+    include_usage: bool = False
+    user: str = ""
+    inputs: dict = field(default_factory=dict)
+    conversation_id: str = ""
+    body: dict = field(default_factory=dict, repr=False)
+
+
+def parse_body(raw):
+    try:
+        body = json.loads(raw or b"")
+    except (ValueError, UnicodeDecodeError):
+        raise bad_request("The request body is not valid JSON.", code="invalid_json")
+    if not isinstance(body, dict):
+        raise bad_request("The request body must be a JSON object.", code="invalid_json")
+    return body
+
+
+def parse_chat_request(body):
+    """A ChatRequest from a decoded JSON body; 400 with `param` set when it cannot be served."""
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise bad_request("'model' is required and must be a non-empty string naming a model "
+                          "from GET /v1/models.", param="model", code="invalid_value")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty array of messages.",
+                          param="messages", code="invalid_value")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{index}] must be an object.", param=f"messages[{index}]",
+                              code="invalid_type")
+        role = message.get("role")
+        if role not in ROLES:
+            raise bad_request(f"messages[{index}].role must be one of {', '.join(ROLES)}; got {role!r}.",
+                              param=f"messages[{index}].role", code="invalid_value")
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise bad_request(f"messages[{index}].content must be a string, an array of parts or null.",
+                              param=f"messages[{index}].content", code="invalid_type")
+    options = body.get("stream_options")
+    user = next((body[k] for k in ("user", "safety_identifier", "prompt_cache_key")
+                 if isinstance(body.get(k), str) and body[k]), "")
+    inputs = body.get("inputs")
+    conversation_id = body.get("conversation_id")
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        stream=body.get("stream") is True,
+        include_usage=isinstance(options, dict) and options.get("include_usage") is True,
+        user=user,
+        inputs=inputs if isinstance(inputs, dict) else {},
+        conversation_id=conversation_id if isinstance(conversation_id, str) else "",
+        body=body,
+    )
+
+
+def new_completion_id():
+    return "chatcmpl-" + uuid.uuid4().hex
+
+
+def model_object(app):
+    return {"id": app.model_id, "object": "model", "created": app.created, "owned_by": "dify"}
+
+
+def usage_object(usage):
+    prompt = int(usage.get("prompt_tokens") or 0)
+    completion = int(usage.get("completion_tokens") or 0)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion_body(completion_id, created, model, message, finish_reason, usage):
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage_object(usage),
+    }
+
+
+def json_string(text):
+    """`text` as a JSON string literal; raw UTF-8 where it can be (smaller than \\u escapes)."""
+    encoded = encode_basestring(text)
+    try:
+        encoded.encode("utf-8")
+    except UnicodeEncodeError:
+        return encode_basestring_ascii(text)
+    return encoded
+
+
+class ChunkEncoder:
+    """SSE events of one chat.completion stream, as bytes ready for the socket.
+
+    The id/created/model prefix is the same in every chunk of a stream, so it is built
+    once and each event costs one string escape and a concatenation.
+    """
+
+    DONE = b"data: [DONE]\n\n"
+    KEEPALIVE = b": keep-alive\n\n"
+
+    def __init__(self, completion_id, model, created=None):
+        self.id = completion_id
+        self.model = model
+        self.created = int(time.time()) if created is None else created
+        self._head = ('data: {"id":%s,"object":"chat.completion.chunk","created":%d,"model":%s,"choices":'
+                      % (json_string(completion_id), self.created, json_string(model)))
+        self._open = self._head + '[{"index":0,"delta":'
+        self._close = ',"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def delta(self, delta_json):
+        return (self._open + delta_json + self._close).encode()
+
+    def role(self):
+        return self.delta('{"role":"assistant","content":""}')
+
+    def content(self, text):
+        return self.delta('{"content":' + json_string(text) + "}")
+
+    def reasoning(self, text):
+        return self.delta('{"reasoning_content":' + json_string(text) + "}")
+
+    def tool_call(self, index, call_id, name, arguments):
+        """A whole call as the two deltas clients expect: id, type and name first, then arguments."""
+        first = {"tool_calls": [{"index": index, "id": call_id, "type": "function",
+                                 "function": {"name": name, "arguments": ""}}]}
+        rest = {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}
+        return self.delta(json.dumps(first, ensure_ascii=False)) + self.delta(json.dumps(rest, ensure_ascii=False))
+
+    def finish(self, reason):
+        return (self._open + '{},"logprobs":null,"finish_reason":' + json_string(reason) + "}]}\n\n").encode()
+
+    def usage(self, usage):
+        return (self._head + '[],"usage":' + json.dumps(usage_object(usage)) + "}\n\n").encode()
+
+    @staticmethod
+    def error(api_error):
+        return ("data: " + json.dumps(api_error.body(), ensure_ascii=False) + "\n\n").encode()

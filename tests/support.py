@@ -1,0 +1,21 @@
+"""Small helpers shared by the tests."""
+
+import json
+
+CLIENT_KEY = "sk-test-key-one"
+OTHER_CLIENT_KEY = "sk-test-key-two"
+
+
+def sse_events(body):
+    """The `data:` payloads of an SSE body, parsed (the [DONE] sentinel kept as the string)."""
+    events = []
+    for block in body.decode().split("\n\n"):
+        for line in block.split("\n"):
+            if line.startswith("data: "):
+                payload = line[6:]
+                events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def sse_comments(body):
+    return [line for line in body.decode().split("\n") if line.startswith(":")]
