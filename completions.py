@@ -13,7 +13,7 @@ from tornado.ioloop import IOLoop
 import memory
 from dify_client import DifyError, StreamFailure
 from errors import bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from events import CONTENT, REPLACE, AnswerTranslator
+from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, AnswerTranslator
 
 log = logging.getLogger("opendify.completions")
 
@@ -37,6 +37,37 @@ def estimate_tokens(text_length):
     return max(1, (text_length + 3) // 4) if text_length else 0
 
 
+class Answer:
+    """A whole answer gathered from its pieces, for a non-streaming response."""
+
+    def __init__(self):
+        self.content = []
+        self.reasoning = []
+        self.tool_calls = []
+
+    def add(self, pieces):
+        for kind, value in pieces:
+            if kind is CONTENT or kind is MARK:
+                self.content.append(value)
+            elif kind is REASONING:
+                self.reasoning.append(value)
+            elif kind is REPLACE:
+                self.content = [value]
+            elif kind is TOOL_CALL:
+                self.tool_calls.append({"id": value["id"], "type": "function",
+                                        "function": {"name": value["name"], "arguments": value["arguments"]}})
+
+    def message(self):
+        """The OpenAI assistant message; content is null when the answer is only tool calls."""
+        text = "".join(self.content)
+        message = {"role": "assistant", "content": text if text or not self.tool_calls else None, "refusal": None}
+        if self.reasoning:
+            message["reasoning_content"] = "".join(self.reasoning)
+        if self.tool_calls:
+            message["tool_calls"] = self.tool_calls
+        return message
+
+
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
@@ -48,17 +79,26 @@ class Completion:
         self.translator = AnswerTranslator(app.mode, request.model)
         self.answer_length = 0
         self.query_length = 0
+        self.called_tools = False
         self._stream = None
         self._cancelled = False
 
-    def dify_request(self):
-        """The Dify path and body for this request (mode 1: the transcript folded into the query)."""
+    def query(self):
+        """The text Dify is asked (mode 1: the whole transcript folded into it)."""
         query = memory.fold_query(self.request.messages)
         if not query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")
+        return query
+
+    async def attachments(self):
+        """Dify file objects for the files of the new turn."""
+        return []
+
+    def dify_request(self, query, files):
+        """The Dify path and body for the app's mode."""
         self.query_length = len(query)
-        return "/chat-messages", {
+        body = {
             "inputs": self.request.inputs,
             "query": query,
             "user": self.user,
@@ -66,10 +106,15 @@ class Completion:
             "conversation_id": "",
             "auto_generate_name": False,
         }
+        if files:
+            body["files"] = files
+        return "/chat-messages", body
 
     async def start(self):
         """Builds the Dify request and opens the stream; early failures raise APIError."""
-        path, body = self.dify_request()
+        query = self.query()
+        files = await self.attachments()
+        path, body = self.dify_request(query, files)
         self._stream = self.dify.stream(self.app.key, path, body)
 
     async def next_pieces(self):
@@ -104,15 +149,14 @@ class Completion:
         return pieces
 
     async def collect(self):
-        """The whole answer text, for a non-streaming client."""
-        parts = []
+        """The whole answer, for a non-streaming client."""
+        answer = Answer()
         while (pieces := await self.next_pieces()) is not None:
-            for kind, text in pieces:
-                if kind is CONTENT:
-                    parts.append(text)
-                elif kind is REPLACE:
-                    parts = [text]
-        return "".join(parts)
+            answer.add(pieces)
+        return answer
+
+    def finish_reason(self):
+        return "tool_calls" if self.called_tools else self.translator.finish_reason()
 
     def usage(self):
         """Dify's usage figures, or an estimate from the text lengths when Dify reported none."""

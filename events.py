@@ -1,7 +1,12 @@
 """Dify's stream events, translated into the pieces an OpenAI answer is made of.
 
-A piece is a (kind, value) tuple: `(CONTENT, text)` to append to the answer,
-`(REPLACE, text)` when Dify's moderation replaced the whole answer. Everything else a
+A piece is a (kind, value) tuple, in answer order:
+  (CONTENT, text)    text to append to the answer;
+  (REASONING, text)  thinking to show apart from the answer (`reasoning_content`);
+  (REPLACE, text)    Dify's moderation replaced the whole answer with this text;
+  (TOOL_CALL, call)  a client tool call {"index", "id", "name", "arguments"};
+  (MARK, text)       invisible text that must reach the client whole, in one chunk.
+Everything else a
 run reports (usage, the conversation id, how it ended) is kept on the
 translator. Any event that carries an `answer` string is text, whatever its name, because
 Dify 1.11.2+ sends text chunks as `message_file` events once a message has a file.
@@ -10,7 +15,10 @@ Dify 1.11.2+ sends text chunks as `message_file` events once a message has a fil
 from errors import from_dify
 
 CONTENT = "content"
+REASONING = "reasoning"
 REPLACE = "replace"
+TOOL_CALL = "tool_call"
+MARK = "mark"
 
 _NOT_TEXT = frozenset(("message_replace", "message_end"))
 

@@ -156,13 +156,11 @@ class ChatCompletionsHandler(BaseHandler):
         if request.stream:
             await EventStreamResponse(self, self.completion, self.proxy.heartbeat).run()
         else:
-            text = await self.completion.collect()
+            answer = await self.completion.collect()
             if self.completion.cancelled:
                 return
-            usage = self.completion.usage()
-            message = {"role": "assistant", "content": text, "refusal": None}
-            self.write_json(completion_body(self.completion_id, int(time.time()), request.model, message,
-                                            self.completion.translator.finish_reason(), usage))
+            self.write_json(completion_body(self.completion_id, int(time.time()), request.model, answer.message(),
+                                            self.completion.finish_reason(), self.completion.usage()))
         self.tokens = self.completion.usage()
 
     def on_connection_close(self):

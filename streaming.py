@@ -14,7 +14,7 @@ from tornado.ioloop import PeriodicCallback
 from tornado.iostream import StreamClosedError
 
 from errors import APIError
-from events import CONTENT, REPLACE
+from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from openai_api import ChunkEncoder
 
 log = logging.getLogger("opendify.streaming")
@@ -88,7 +88,7 @@ class EventStreamResponse:
             return
         if not self.committed:
             self.commit()
-        tail = self.encoder.finish(completion.translator.finish_reason())
+        tail = self.encoder.finish(completion.finish_reason())
         if completion.request.include_usage:
             tail += self.encoder.usage(completion.usage())
         await self.send(tail + ChunkEncoder.DONE)
@@ -100,10 +100,16 @@ class EventStreamResponse:
             if kind is CONTENT:
                 out.append(encoder.content(value))
                 self.sent_text = True
+            elif kind is REASONING:
+                out.append(encoder.reasoning(value))
             elif kind is REPLACE:
                 # Text already on the client's screen cannot be recalled; the replacement follows it.
                 out.append(encoder.content("\n\n" + value if self.sent_text else value))
                 self.sent_text = True
+            elif kind is TOOL_CALL:
+                out.append(encoder.tool_call(value["index"], value["id"], value["name"], value["arguments"]))
+            elif kind is MARK:
+                out.append(encoder.content(value))
         return b"".join(out)
 
     def commit(self):
