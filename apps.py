@@ -15,7 +15,7 @@ from dify_client import DifyError, StreamFailure
 log = logging.getLogger("opendify.apps")
 
 CHAT_FAMILY = ("chat", "agent-chat", "advanced-chat", "agent")
-SERVED_MODES = CHAT_FAMILY
+SERVED_MODES = CHAT_FAMILY + ("completion", "workflow")
 
 
 def key_id(key):

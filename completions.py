@@ -12,12 +12,15 @@ from tornado.ioloop import IOLoop
 
 import memory
 from dify_client import DifyError, StreamFailure
-from errors import bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, AnswerTranslator
+from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from files import Uploads
+from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
+from inputs import check_inputs, form_variables, text_variable
 
 log = logging.getLogger("opendify.completions")
 
 _MAX_USER_FIELD = 64
+_STOP_KINDS = {"completion": "completion", "workflow": "workflow"}
 
 
 def client_id(secret, api_key):
@@ -71,17 +74,19 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user):
+    def __init__(self, dify, app, request, user, settings=None):
         self.dify = dify
         self.app = app
         self.request = request
         self.user = user
-        self.translator = AnswerTranslator(app.mode, request.model)
+        self.settings = settings
+        self.translator = translator_for(app.mode, request.model, settings)
         self.answer_length = 0
         self.query_length = 0
         self.called_tools = False
         self._stream = None
         self._cancelled = False
+        self._pending_error = None
 
     def query(self):
         """The text Dify is asked (mode 1: the whole transcript folded into it)."""
@@ -91,23 +96,35 @@ class Completion:
                               code="empty_query")
         return query
 
+    uploads = None  # the proxy's files.Uploads (limits and upload cache), set by the handler
+
     async def attachments(self):
-        """Dify file objects for the files of the new turn."""
-        return []
+        """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""
+        uploads = self.uploads or Uploads(self.dify)
+        return await uploads.attach(self.app, self.request.messages, self.user, self.request.model)
 
     def dify_request(self, query, files):
-        """The Dify path and body for the app's mode."""
+        """The Dify path and body for the app's mode. Completion and workflow apps read the user's text
+        from their input form (a workflow has no `query` at all) and keep no conversation."""
         self.query_length = len(query)
-        body = {
-            "inputs": self.request.inputs,
-            "query": query,
-            "user": self.user,
-            "response_mode": "streaming",
-            "conversation_id": "",
-            "auto_generate_name": False,
-        }
+        mode = self.app.mode
+        form = form_variables(self.app.parameters)
+        given = self.request.inputs
+        target = None
+        if mode in ("completion", "workflow"):
+            target = text_variable(form, given, self.settings.input_variable if self.settings else "")
+            if target is not None:
+                given = {**given, target: query}
+        body = {"inputs": check_inputs(form, given, target), "user": self.user, "response_mode": "streaming"}
         if files:
             body["files"] = files
+        if mode == "workflow":
+            return "/workflows/run", body
+        if mode == "completion":
+            if target is None:
+                body["query"] = query
+            return "/completion-messages", body
+        body.update({"query": query, "conversation_id": "", "auto_generate_name": False})
         return "/chat-messages", body
 
     async def start(self):
@@ -120,6 +137,8 @@ class Completion:
     async def next_pieces(self):
         """The pieces from Dify's next batch of events (possibly none); None once the answer is complete."""
         translator = self.translator
+        if self._pending_error is not None:
+            raise self._pending_error
         if translator.done or self._cancelled:
             return None
         try:
@@ -136,7 +155,14 @@ class Completion:
             raise upstream_broken(self.request.model, "ended its answer without finishing it")
         pieces = []
         for event in events:
-            found = translator.feed(event)
+            try:
+                found = translator.feed(event)
+            except APIError as error:
+                if not pieces:
+                    raise
+                # Text that arrived with the error is still the client's: deliver it, then the error.
+                self._pending_error = error
+                break
             if found:
                 pieces.extend(found)
                 for kind, text in found:
@@ -183,7 +209,7 @@ class Completion:
 
     async def _stop(self, task_id):
         try:
-            await self.dify.stop(self.app.key, "chat", task_id, self.user)
+            await self.dify.stop(self.app.key, _STOP_KINDS.get(self.app.mode, "chat"), task_id, self.user)
             log.info("client left: stopped the Dify task of model %r", self.request.model)
         except (DifyError, StreamFailure) as error:
             log.warning("client left, and stopping the Dify task of model %r failed: %s", self.request.model, error)

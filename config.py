@@ -33,7 +33,19 @@ class Settings:
     cors_origins: tuple = ("*",)
     log_level: str = "INFO"
     max_request_bytes: int = 40 * 1024 * 1024
+    max_image_bytes: int = 10 * 1024 * 1024
+    max_file_bytes: int = 15 * 1024 * 1024
+    max_files: int = 10
+    upload_cache_size: int = 1000
+    upload_cache_ttl: float = 3600.0
     mark_secret: str = field(default="", repr=False)
+    agent_work: str = "reasoning"
+    think_tags: str = "reasoning"
+    workflow_progress: str = "off"
+    input_variable: str = ""
+    smooth_streaming: bool = True
+    smooth_max_lag: float = 0.4
+    smooth_frame: float = 0.02
 
 
 def _split_list(value):
@@ -50,6 +62,13 @@ def _number(env, name, default, kind, low, high):
         raise ConfigError(f"{name}={raw!r} is not a {kind.__name__}: set it to a number between {low} and {high}")
     if not low <= value <= high:
         raise ConfigError(f"{name}={raw!r} is out of range: set it to a number between {low} and {high}")
+    return value
+
+
+def _choice(env, name, default, choices):
+    value = (env.get(name, "").strip() or default).lower()
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r} is unknown: use {', '.join(choices[:-1])} or {choices[-1]}")
     return value
 
 
@@ -103,7 +122,19 @@ def settings_from(env):
         cors_origins=origins,
         log_level=level,
         max_request_bytes=_number(env, "MAX_REQUEST_MB", 40, int, 1, 1024) * 1024 * 1024,
+        max_image_bytes=_number(env, "MAX_IMAGE_MB", 10, int, 1, 1024) * 1024 * 1024,
+        max_file_bytes=_number(env, "MAX_FILE_MB", 15, int, 1, 1024) * 1024 * 1024,
+        max_files=_number(env, "MAX_FILES", 10, int, 0, 100),
+        upload_cache_size=_number(env, "UPLOAD_CACHE_SIZE", 1000, int, 0, 1000000),
+        upload_cache_ttl=_number(env, "UPLOAD_CACHE_TTL", 3600.0, float, 1, 7 * 86400),
         mark_secret=env.get("MARK_SECRET", "").strip(),
+        agent_work=_choice(env, "AGENT_WORK", "reasoning", ("reasoning", "inline", "hidden")),
+        think_tags=_choice(env, "THINK_TAGS", "reasoning", ("reasoning", "keep", "hidden")),
+        workflow_progress=_choice(env, "WORKFLOW_PROGRESS", "off", ("off", "reasoning")),
+        input_variable=env.get("INPUT_VARIABLE", "").strip(),
+        smooth_streaming=_choice(env, "SMOOTH_STREAMING", "on", ("on", "off")) == "on",
+        smooth_max_lag=_number(env, "SMOOTH_MAX_LAG_MS", 400, int, 0, 2000) / 1000,
+        smooth_frame=_number(env, "SMOOTH_FRAME_MS", 20, int, 5, 100) / 1000,
     )
 
 

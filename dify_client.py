@@ -167,10 +167,16 @@ class EventStream:
         self._client.unwatch(self)
         if self._aborted:
             return
-        response = future.result()
-        if response.code == 599 or response.error is not None and self.status in (None, 200):
+        try:
+            response = future.result()
+        except Exception as error:
+            # raise_error=False only spares HTTP status errors; a refused or cut connection still raises.
+            response = None
+            broken = error
+        if response is None or response.code == 599:
             if self.status is None:
-                self._failure = StreamFailure("unreachable", str(response.error))
+                detail = broken if response is None else response.error
+                self._failure = StreamFailure("unreachable", str(detail))
             else:
                 self._failure = StreamFailure("dropped", "closed the connection mid-answer")
         elif self.status != 200:
@@ -233,10 +239,10 @@ class DifyClient:
                               headers=self.headers(key, content_type=content_type), body=body,
                               connect_timeout=self.connect_timeout,
                               request_timeout=timeout or self.idle_timeout)
-        response = await self.http.fetch(request, raise_error=False)
-        if response.code == 599:
-            raise StreamFailure("timeout" if "Timeout" in type(response.error).__name__ else "unreachable",
-                                str(response.error))
+        try:
+            response = await self.http.fetch(request, raise_error=False)
+        except Exception as error:
+            raise StreamFailure("timeout" if "Timeout" in type(error).__name__ else "unreachable", str(error))
         if response.code >= 400:
             error = error_from_body(response.code, response.body)
             error.retry_after = response.headers.get("Retry-After")

@@ -13,14 +13,16 @@ import logging
 import time
 import uuid
 
-from tornado.web import RequestHandler
+from tornado.web import RequestHandler, stream_request_body
 
 from apps import AppRegistry
 from completions import Completion, client_id, dify_user
 from dify_client import DifyClient
 from errors import APIError, generic
-from openai_api import completion_body, model_object, new_completion_id, parse_body, parse_chat_request
-from streaming import EventStreamResponse, Heartbeat
+from files import Uploads
+from openai_api import (TextChunkEncoder, completion_body, model_object, new_completion_id, new_text_completion_id,
+                        parse_body, parse_chat_request, parse_text_completion_request, text_completion_body)
+from streaming import EventStreamResponse, FrameClock, Heartbeat
 
 access_log = logging.getLogger("opendify.access")
 
@@ -35,7 +37,8 @@ class Proxy:
                                idle_timeout=settings.dify_idle_timeout,
                                max_connections=settings.dify_max_connections)
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
-        self.heartbeat = Heartbeat(settings.keepalive_interval)
+        self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
+        self.uploads = Uploads.from_settings(self.dify, settings)
         self.refresher = None
         self.client_keys = [(hashlib.sha256(key.encode()).digest(), client_id(secret, key))
                             for key in settings.valid_api_keys]
@@ -141,7 +144,37 @@ def model_not_found(model_id, registry):
                     code="model_not_found", param="model")
 
 
-class ChatCompletionsHandler(BaseHandler):
+class BoundedBody:
+    """Takes a request body as it arrives and refuses one over MAX_REQUEST_MB with a 413 in OpenAI shape,
+    having buffered no more than the limit (Tornado's own limit would answer a bare 400 and hang up)."""
+
+    def prepare(self):
+        self.request.connection.set_max_body_size(_UNLIMITED)  # the limit is enforced here instead
+        super().prepare()
+        self.request.body = bytearray()
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self.proxy.settings.max_request_bytes:
+            raise body_too_large(self.proxy.settings.max_request_bytes)
+
+    def data_received(self, chunk):
+        limit = self.proxy.settings.max_request_bytes
+        if len(self.request.body) + len(chunk) > limit:
+            error = body_too_large(limit)
+            self.send_error(413, exc_info=(APIError, error, None))
+        else:
+            self.request.body += chunk
+
+
+_UNLIMITED = 1 << 62
+
+
+def body_too_large(limit):
+    return APIError(413, f"The request body is larger than this server's limit of {limit // (1024 * 1024)} MB "
+                         "(MAX_REQUEST_MB). Send smaller or fewer attachments.", code="request_too_large")
+
+
+@stream_request_body
+class ChatCompletionsHandler(BoundedBody, BaseHandler):
     completion = None
 
     async def post(self):
@@ -151,7 +184,9 @@ class ChatCompletionsHandler(BaseHandler):
         if app is None:
             raise model_not_found(request.model, self.proxy.registry)
         self.completion_id = new_completion_id()
-        self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user))
+        self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
+                                     self.proxy.settings)
+        self.completion.uploads = self.proxy.uploads
         await self.completion.start()
         if request.stream:
             await EventStreamResponse(self, self.completion, self.proxy.heartbeat).run()
@@ -159,13 +194,43 @@ class ChatCompletionsHandler(BaseHandler):
             answer = await self.completion.collect()
             if self.completion.cancelled:
                 return
+            self.tokens = self.completion.usage()
             self.write_json(completion_body(self.completion_id, int(time.time()), request.model, answer.message(),
-                                            self.completion.finish_reason(), self.completion.usage()))
+                                            self.completion.finish_reason(), self.tokens))
+            return
         self.tokens = self.completion.usage()
 
     def on_connection_close(self):
+        super().on_connection_close()
         if self.completion is not None:
             self.completion.cancel()
+
+
+class TextCompletionsHandler(ChatCompletionsHandler):
+    """Legacy POST /v1/completions (Continue's autocomplete, LlamaIndex `OpenAILike`): the prompt is
+    run like a one-message chat and answered in the text_completion shape."""
+
+    async def post(self):
+        request = parse_text_completion_request(parse_body(self.request.body))
+        self.model = request.model
+        app = await self.proxy.registry.resolve(request.model)
+        if app is None:
+            raise model_not_found(request.model, self.proxy.registry)
+        self.completion_id = new_text_completion_id()
+        self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
+                                     self.proxy.settings)
+        await self.completion.start()
+        if request.stream:
+            encoder = TextChunkEncoder(self.completion_id, request.model)
+            await EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder).run()
+            self.tokens = self.completion.usage()
+            return
+        answer = await self.completion.collect()
+        if self.completion.cancelled:
+            return
+        self.tokens = self.completion.usage()
+        self.write_json(text_completion_body(self.completion_id, int(time.time()), request.model,
+                                             "".join(answer.content), self.completion.finish_reason(), self.tokens))
 
 
 def log_request(handler):
@@ -188,4 +253,5 @@ def routes():
         (r"/v1/models", ModelsHandler),
         (r"/v1/models/(.+)", ModelHandler),
         (r"/v1/chat/completions", ChatCompletionsHandler),
+        (r"/v1/completions", TextCompletionsHandler),
     ]

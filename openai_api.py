@@ -78,8 +78,29 @@ def parse_chat_request(body):
     )
 
 
+def parse_text_completion_request(body):
+    """A legacy /v1/completions body as a ChatRequest of one user message holding the prompt.
+    `suffix`, `echo`, `best_of`, `logprobs` and the sampling fields are accepted and ignored."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, str) for p in prompt):
+        raise bad_request("'prompt' holds several prompts; send one prompt per request.", param="prompt",
+                          code="invalid_value")
+    if not isinstance(prompt, str):
+        raise bad_request("'prompt' must be a string (token arrays are not supported).", param="prompt",
+                          code="invalid_type")
+    if not prompt.strip():
+        raise bad_request("'prompt' is empty: send the text to complete.", param="prompt", code="invalid_value")
+    return parse_chat_request({**body, "messages": [{"role": "user", "content": prompt}]})
+
+
 def new_completion_id():
     return "chatcmpl-" + uuid.uuid4().hex
+
+
+def new_text_completion_id():
+    return "cmpl-" + uuid.uuid4().hex
 
 
 def model_object(app):
@@ -99,6 +120,22 @@ def completion_body(completion_id, created, model, message, finish_reason, usage
         "created": created,
         "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
+        "usage": usage_object(usage),
+    }
+
+
+def text_finish_reason(reason):
+    """Text completions know no tool calls: every other ending is a plain stop."""
+    return reason if reason in ("stop", "length", "content_filter") else "stop"
+
+
+def text_completion_body(completion_id, created, model, text, finish_reason, usage):
+    return {
+        "id": completion_id,
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": text_finish_reason(finish_reason)}],
         "usage": usage_object(usage),
     }
 
@@ -160,3 +197,31 @@ class ChunkEncoder:
     @staticmethod
     def error(api_error):
         return ("data: " + json.dumps(api_error.body(), ensure_ascii=False) + "\n\n").encode()
+
+
+class TextChunkEncoder(ChunkEncoder):
+    """SSE events of one legacy text_completion stream: the same framing as chat chunks, with the
+    text in `choices[0].text`. Text completions have no role, reasoning or tool-call deltas."""
+
+    def __init__(self, completion_id, model, created=None):
+        super().__init__(completion_id, model, created)
+        self._head = ('data: {"id":%s,"object":"text_completion","created":%d,"model":%s,"choices":'
+                      % (json_string(completion_id), self.created, json_string(model)))
+        self._open = self._head + '[{"text":'
+        self._close = ',"index":0,"logprobs":null,"finish_reason":null}]}\n\n'
+
+    def role(self):
+        return b""
+
+    def content(self, text):
+        return (self._open + json_string(text) + self._close).encode()
+
+    def reasoning(self, text):
+        return b""
+
+    def tool_call(self, index, call_id, name, arguments):
+        return b""
+
+    def finish(self, reason):
+        return (self._open + '"","index":0,"logprobs":null,"finish_reason":' + json_string(text_finish_reason(reason))
+                + "}]}\n\n").encode()

@@ -1,16 +1,25 @@
-"""Writing a completion to the client as Server-Sent Events.
+"""Writing a completion to the client as Server-Sent Events, paced so it reads smoothly.
 
 The 200 and its headers are committed only when Dify's first event arrives, so a Dify
 that refuses the request up front yields a real HTTP error; after that, a failure ends
 the stream with an error event and `[DONE]`, never a silent stop. One shared heartbeat
 timer serves every open stream: it commits streams whose Dify run is slow to start and
 sends `: keep-alive` comments on quiet ones, without a timer per stream.
+
+Dify's text arrives at irregular times: steady tokens, whole sentences from agents and
+some providers, a workflow's output in one piece. A `Pacer` per stream spreads bursts over
+the expected gap to the next one, so the client sees an even flow, while smooth upstreams
+pass straight through; it never holds a character longer than the configured lag, so it
+never slows a fast model down. One shared `FrameClock` releases what each pacer allows,
+frame by frame: a thousand streams cost one timer, not a timer per stream or character.
 """
 
 import logging
 import time
+from collections import deque
 
-from tornado.ioloop import PeriodicCallback
+from tornado.concurrent import Future
+from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import StreamClosedError
 
 from errors import APIError
@@ -19,12 +28,197 @@ from openai_api import ChunkEncoder
 
 log = logging.getLogger("opendify.streaming")
 
+PACED = (CONTENT, REASONING)  # text that may be split and spread; other pieces go out whole, in order
+SMALL_PIECE = 8  # characters: about a word, which reads fine appearing at once
+SMOOTH_SPREAD = 0.05  # s: spreading over less than this is invisible (20 updates a second)
+GAP_MARGIN = 1.5  # spread bursts past the expected gap, so a late burst does not leave a hole
+GAP_HISTORY = 5  # gaps the expected gap is the median of: one tool-call pause does not reset it
+
+
+class Pacer:
+    """Decides, from arrival times and sizes, what of one answer to release at each frame.
+
+    Pure and loop-free: every decision takes `now` (seconds, monotonic). Text (content and
+    reasoning) is released at a rate that empties what is pending by the end of its spread,
+    the expected gap to the next upstream burst (never more than `max_lag`); the rate is
+    recomputed at each arrival from everything pending, so text carries across upstream
+    events and the drain rate follows the arrival rate. Any character about to exceed
+    `max_lag` is released regardless. Other pieces (marks, tool calls, replacements) cost
+    no time and go out whole as soon as everything before them has.
+    """
+
+    def __init__(self, max_lag=0.4, frame=0.02):
+        self.max_lag = max_lag
+        self.frame = frame
+        self.pending = 0  # text characters queued
+        self._queue = deque()  # [kind, value, arrival time], in answer order
+        self._rate = 0.0  # chars/s of the current spread
+        self._credit = 0.0  # characters allowed and not yet released
+        self._accrued_at = 0.0
+        self._last_arrival = None
+        self._gaps = deque(maxlen=GAP_HISTORY)
+
+    @property
+    def waiting(self):
+        """Whether anything is still queued."""
+        return bool(self._queue)
+
+    def push(self, pieces, now):
+        """Queues one upstream batch; returns the pieces to send at once."""
+        idle = not self._queue
+        self._accrue(now)
+        chars = 0
+        for kind, value in pieces:
+            if kind in PACED:
+                if not value:
+                    continue
+                chars += len(value)
+            self._queue.append([kind, value, now])
+        if not chars:
+            return self.take(now)
+        first = self._last_arrival is None
+        if not first:
+            self._gaps.append(now - self._last_arrival)
+        self._last_arrival = now
+        self.pending += chars
+        # The first text of an answer is never delayed, nor is a word into an idle stream.
+        if first or (idle and chars <= SMALL_PIECE):
+            return self.flush()
+        spread = self.spread()
+        if spread <= SMOOTH_SPREAD:
+            return self.flush()
+        self._rate = self.pending / spread
+        if idle:
+            # A burst's first characters go out on arrival: pacing never delays the start.
+            self._credit = max(1.0, self._rate * self.frame)
+        return self.take(now)
+
+    def spread(self):
+        """Seconds over which the text pending now should be released: the expected gap to the next burst."""
+        gaps = sorted(self._gaps)
+        expected = GAP_MARGIN * gaps[len(gaps) // 2]
+        # Two frames below the bound, so that the lag bound rarely has to force a release.
+        return min(expected, self.max_lag - 2 * self.frame)
+
+    def take(self, now, next_frame=None):
+        """The pieces due at `now`, given that the next decision comes `next_frame` seconds later."""
+        self._accrue(now)
+        # Whatever would be older than max_lag by the next frame goes now; one frame of margin
+        # covers a timer that fires late.
+        overdue_before = now + (self.frame if next_frame is None else next_frame) + self.frame - self.max_lag
+        budget = max(int(self._credit), self._chars_before(overdue_before))
+        out = self._release(budget)
+        self._credit = max(0.0, self._credit - budget) if self.pending else 0.0
+        return out
+
+    def flush(self):
+        """Everything queued, at once (the upstream is smooth, or the answer failed)."""
+        out = [(kind, value) for kind, value, _ in self._queue]
+        self._queue.clear()
+        self.pending = 0
+        self._credit = 0.0
+        return out
+
+    def _accrue(self, now):
+        if self.pending:
+            self._credit += self._rate * max(0.0, now - self._accrued_at)
+        self._accrued_at = now
+
+    def _chars_before(self, moment):
+        count = 0
+        for kind, value, arrived in self._queue:
+            if arrived > moment:
+                break
+            if kind in PACED:
+                count += len(value)
+        return count
+
+    def _release(self, budget):
+        queue = self._queue
+        out = []
+        while queue:
+            entry = queue[0]
+            kind, value = entry[0], entry[1]
+            if kind in PACED:
+                if budget <= 0:
+                    break
+                if len(value) > budget:
+                    out.append((kind, value[:budget]))
+                    entry[1] = value[budget:]
+                    self.pending -= budget
+                    break
+                budget -= len(value)
+                self.pending -= len(value)
+            out.append((kind, value))
+            queue.popleft()
+        return out
+
+
+class FrameClock:
+    """One timer that paces every stream with text waiting.
+
+    Each frame asks every waiting stream's pacer what is due and writes it. A frame's work
+    grows with the number of streams, so the frame lengthens to stay at most about half of
+    the loop's time: under load each frame releases more at once (coarser), while the
+    pacers' lag bound keeps holding, because each is told when the next frame comes.
+    """
+
+    def __init__(self, frame, max_lag):
+        self.frame = frame
+        self.max_lag = max_lag
+        self.interval = frame
+        self._streams = set()
+        self._handle = None
+
+    @classmethod
+    def from_settings(cls, settings):
+        """The clock for the settings, or None when smoothing is off."""
+        if not settings.smooth_streaming:
+            return None
+        return cls(settings.smooth_frame, settings.smooth_max_lag)
+
+    def pacer(self):
+        return Pacer(self.max_lag, self.frame)
+
+    def add(self, stream):
+        self._streams.add(stream)
+        if self._handle is None:
+            self._handle = IOLoop.current().call_later(self.interval, self._tick)
+
+    def discard(self, stream):
+        self._streams.discard(stream)
+
+    def _tick(self):
+        self._handle = None
+        start = time.monotonic()
+        interval = self.interval
+        for stream in list(self._streams):
+            try:
+                keep = stream.frame(start, interval)
+            except Exception:
+                log.exception("pacing a stream failed; sending the rest of it unpaced")
+                keep = False
+                stream.unpace()
+            if not keep:
+                self._streams.discard(stream)
+        busy = time.monotonic() - start
+        self.interval = min(max(self.frame, 2 * busy), self.max_lag / 2)
+        if self._streams:
+            self._handle = IOLoop.current().call_later(max(0.0, self.interval - busy), self._tick)
+
+    def stop(self):
+        if self._handle is not None:
+            IOLoop.current().remove_timeout(self._handle)
+            self._handle = None
+        self._streams.clear()
+
 
 class Heartbeat:
-    """One periodic timer for all open streams."""
+    """The timers shared by all open streams: keep-alives, and the frame clock when smoothing is on."""
 
-    def __init__(self, interval):
+    def __init__(self, interval, frames=None):
         self.interval = interval
+        self.frames = frames
         self._streams = set()
         self._timer = None
 
@@ -46,28 +240,40 @@ class Heartbeat:
         if self._timer is not None:
             self._timer.stop()
             self._timer = None
+        if self.frames is not None:
+            self.frames.stop()
 
 
 class EventStreamResponse:
-    """Relays one Completion to one client as chat.completion.chunk events."""
+    """Relays one Completion to one client as chat.completion.chunk events.
 
-    def __init__(self, handler, completion, heartbeat):
+    Writes never wait for the socket: the relay and the frame clock both write to the same
+    connection, and Tornado resolves only the latest of overlapping flush futures, so an
+    awaited earlier one could hang. A closed client is noticed from the flush result (and
+    from the handler's on_connection_close), which cancels the Dify run.
+    """
+
+    def __init__(self, handler, completion, heartbeat, encoder=None):
         self.handler = handler
         self.completion = completion
         self.heartbeat = heartbeat
-        self.encoder = ChunkEncoder(handler.completion_id, completion.request.model)
+        self.encoder = encoder or ChunkEncoder(handler.completion_id, completion.request.model)
         self.committed = False
         self.sent_text = False
+        self.closed = False
         self.last_write = time.monotonic()
+        self.frames = heartbeat.frames
+        self.pacer = self.frames.pacer() if self.frames is not None else None
+        self._drained = None
 
     async def run(self):
         self.heartbeat.add(self)
         try:
             await self._relay()
-        except StreamClosedError:
-            self.completion.cancel()
         finally:
             self.heartbeat.discard(self)
+            if self.frames is not None:
+                self.frames.discard(self)
 
     async def _relay(self):
         completion = self.completion
@@ -76,22 +282,70 @@ class EventStreamResponse:
                 if not self.committed:
                     self.commit()
                 if pieces:
-                    await self.send(self.encode(pieces))
+                    self.relay(pieces)
         except APIError as error:
             if not self.committed:
                 raise
             log.warning("stream for model %r failed after it started: %s", completion.request.model, error)
             self.handler.error_code = error.code
-            await self.send(self.encoder.error(error) + ChunkEncoder.DONE)
+            self.send((self.encode(self.pacer.flush()) if self.pacer is not None else b"")
+                      + self.encoder.error(error) + ChunkEncoder.DONE)
             return
-        if completion.cancelled:
+        if completion.cancelled or self.closed:
             return
         if not self.committed:
             self.commit()
+        await self.drain()
+        if completion.cancelled or self.closed:
+            return
         tail = self.encoder.finish(completion.finish_reason())
         if completion.request.include_usage:
             tail += self.encoder.usage(completion.usage())
-        await self.send(tail + ChunkEncoder.DONE)
+        self.send(tail + ChunkEncoder.DONE)
+
+    def relay(self, pieces):
+        """Sends what is due of a batch of pieces now, and leaves the rest to the frame clock."""
+        if self.pacer is None:
+            self.send(self.encode(pieces))
+            return
+        due = self.pacer.push(pieces, time.monotonic())
+        if due:
+            self.send(self.encode(due))
+        if self.pacer.waiting:
+            self.frames.add(self)
+
+    def frame(self, now, next_frame):
+        """Called by the frame clock; False once nothing is left to pace."""
+        if self.closed or self.completion.cancelled:
+            self._wake()
+            return False
+        due = self.pacer.take(now, next_frame)
+        if due:
+            self.send(self.encode(due))
+        if self.pacer.waiting:
+            return True
+        self._wake()
+        return False
+
+    def unpace(self):
+        """Sends everything still queued, and stops pacing this stream."""
+        pacer, self.pacer = self.pacer, None
+        if pacer is not None and pacer.waiting:
+            self.send(self.encode(pacer.flush()))
+        self._wake()
+
+    async def drain(self):
+        """Waits until the pacer has released everything (within its lag bound)."""
+        if self.pacer is None or not self.pacer.waiting:
+            return
+        self._drained = Future()
+        self.frames.add(self)
+        await self._drained
+
+    def _wake(self):
+        drained, self._drained = self._drained, None
+        if drained is not None and not drained.done():
+            drained.set_result(None)
 
     def encode(self, pieces):
         encoder = self.encoder
@@ -121,22 +375,29 @@ class EventStreamResponse:
         handler.write(self.encoder.role())
         self.committed = True
 
-    async def send(self, data):
+    def send(self, data):
+        if self.closed:
+            return
         self.handler.write(data)
         self.last_write = time.monotonic()
-        await self.handler.flush()
+        self.handler.flush().add_done_callback(self._flushed)
 
     def keepalive(self):
-        if self.handler.request.connection.stream.closed():
+        if self.closed or self.handler.request.connection.stream.closed():
             return
         if not self.committed:
             self.commit()
-        self.handler.write(ChunkEncoder.KEEPALIVE)
-        self.last_write = time.monotonic()
-        self.handler.flush().add_done_callback(_ignore_closed)
+        self.send(ChunkEncoder.KEEPALIVE)
 
-
-def _ignore_closed(future):
-    if not future.cancelled() and isinstance(future.exception(), StreamClosedError):
-        return
-    future.result()
+    def _flushed(self, future):
+        if future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            return
+        if not isinstance(error, StreamClosedError):
+            future.result()
+        if not self.closed:
+            self.closed = True
+            self.completion.cancel()
+            self._wake()
