@@ -36,6 +36,11 @@ class App:
     def key_id(self):
         return key_id(self.key)
 
+    @property
+    def mark_id(self):
+        """What conversation marks are bound to: the app's key, hashed (stable while the key is)."""
+        return hashlib.sha256(b"opendify-app\0" + self.key.encode()).hexdigest()
+
 
 def assign_ids(apps_by_key, key_order):
     """Model ids for apps: the name itself, or for a duplicated name "name#<key id>" on every

@@ -11,6 +11,8 @@ import logging
 from tornado.ioloop import IOLoop
 
 import memory
+import tools
+from apps import CHAT_FAMILY
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
@@ -74,13 +76,25 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None):
+    def __init__(self, dify, app, request, user, settings=None, binding=None):
         self.dify = dify
         self.app = app
         self.request = request
         self.user = user
         self.settings = settings
         self.translator = translator_for(app.mode, request.model, settings)
+        self.binding = binding
+        self.conversational = app.mode in CHAT_FAMILY
+        self.marks_replies = (self.conversational and binding is not None and settings is not None
+                              and settings.conversation_memory_mode == 2)
+        self.plan = None
+        try:
+            self.tool_request = tools.tool_request(request.body)
+        except tools.ToolRequestError as error:
+            raise bad_request(str(error), param=error.param, code="invalid_tools")
+        self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
+        self._visible = []
+        self._calls = []
         self.answer_length = 0
         self.query_length = 0
         self.called_tools = False
@@ -89,12 +103,25 @@ class Completion:
         self._pending_error = None
 
     def query(self):
-        """The text Dify is asked (mode 1: the whole transcript folded into it)."""
-        query = memory.fold_query(self.request.messages)
-        if not query.strip():
+        """The text Dify is asked: in mode 1 the whole transcript folded into it; in mode 2 (or with an
+        explicit conversation id) only the turns Dify's conversation has not seen; plus, when the
+        client offers tools, how to call them."""
+        messages = self.request.messages
+        explicit = self.request.conversation_id if self.conversational else ""
+        if self.marks_replies or explicit:
+            self.plan = memory.plan_conversation(messages, self.binding, explicit)
+        else:
+            folded = memory.fold_query(messages)
+            self.plan = memory.Plan("", folded, folded)
+        if not self.plan.fresh_query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")
-        return query
+        return self._with_tools(self.plan.query)
+
+    def _with_tools(self, query):
+        if self.tool_request is None:
+            return query
+        return query + "\n\n" + tools.tool_instructions(self.tool_request)
 
     uploads = None  # the proxy's files.Uploads (limits and upload cache), set by the handler
 
@@ -124,14 +151,23 @@ class Completion:
             if target is None:
                 body["query"] = query
             return "/completion-messages", body
-        body.update({"query": query, "conversation_id": "", "auto_generate_name": False})
+        body.update({"query": query, "conversation_id": self.plan.conversation_id, "auto_generate_name": False})
         return "/chat-messages", body
 
     async def start(self):
         """Builds the Dify request and opens the stream; early failures raise APIError."""
         query = self.query()
         files = await self.attachments()
+        self._files = files
         path, body = self.dify_request(query, files)
+        self._stream = self.dify.stream(self.app.key, path, body)
+
+    def _restart_fresh(self):
+        """Dify no longer has the marked conversation: start a new one from the whole visible chat."""
+        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                 "history", self.request.model)
+        self.plan = memory.Plan("", self.plan.fresh_query, self.plan.fresh_query)
+        path, body = self.dify_request(self._with_tools(self.plan.query), self._files)
         self._stream = self.dify.stream(self.app.key, path, body)
 
     async def next_pieces(self):
@@ -144,6 +180,9 @@ class Completion:
         try:
             events = await self._stream.next_events()
         except DifyError as error:
+            if error.status == 404 and self.plan.conversation_id and not self.plan.explicit:
+                self._restart_fresh()
+                return await self.next_pieces()
             raise self._dify_error(error)
         except StreamFailure as failure:
             raise self._failure_error(failure)
@@ -172,7 +211,51 @@ class Completion:
                         self.answer_length = len(text)
             if translator.done:
                 break
+        if self.tool_parser is not None:
+            pieces = self._parse_tools(pieces)
+        if self.marks_replies:
+            self._remember(pieces)
+        if translator.done:
+            pieces.extend(self._closing_pieces())
         return pieces
+
+    def _parse_tools(self, pieces):
+        """Answer text through the tool-call parser: calls come out as TOOL_CALL pieces, never as text."""
+        parsed = []
+        parser = self.tool_parser
+        for piece in pieces:
+            parsed.extend(parser.feed(piece[1]) if piece[0] is CONTENT else (piece,))
+        return parsed
+
+    def _closing_pieces(self):
+        """What ends the answer: text the tool parser held back, and in mode 2 the conversation mark."""
+        closing = list(self.tool_parser.finish()) if self.tool_parser is not None else []
+        if self.tool_parser is not None and self.tool_parser.called:
+            self.called_tools = True
+        if self.marks_replies:
+            self._remember(closing)
+            conversation_id = self.translator.conversation_id
+            if conversation_id:
+                mark = memory.reply_mark(conversation_id, self.request.messages, "".join(self._visible),
+                                         self._calls, self.binding)
+                closing.append((MARK, mark))
+        return closing
+
+    def _remember(self, pieces):
+        """The reply as the client will resend it, to bind the mark to it."""
+        for kind, value in pieces:
+            if kind is CONTENT:
+                self._visible.append(value)
+            elif kind is REPLACE:
+                self._visible = [value] if not self.request.stream or not self._visible else [
+                    "".join(self._visible), "\n\n", value]
+            elif kind is TOOL_CALL:
+                self._calls.append({"id": value["id"], "type": "function",
+                                    "function": {"name": value["name"], "arguments": value["arguments"]}})
+
+    @property
+    def conversation_id(self):
+        return self.translator.conversation_id if self.conversational else None
 
     async def collect(self):
         """The whole answer, for a non-streaming client."""

@@ -1,23 +1,45 @@
-"""Dify's Service API, spoken with Tornado's AsyncHTTPClient.
+"""Dify's Service API, over keep-alive HTTP/1.1 connections built from Tornado's own parts.
 
-Tornado's defaults do not suit a streaming proxy: at most 10 requests at once and a 20 s
-cap on the whole request. Here the concurrency limit comes from the settings, streams
-have no total time limit, and instead one watchdog per client fails any stream that has
-been silent for longer than the idle timeout (Dify pings every 10 s while it works).
+Tornado's AsyncHTTPClient does not suit a streaming proxy: its simple client sends
+`Connection: close` and opens a fresh TCP (and TLS) connection for every request, runs at
+most 10 requests at once and caps a whole request at 20 s. Here `Connections` keeps
+connections to Dify open between requests, on Tornado's TCPClient and HTTP1Connection
+(the same parts the simple client is made of); the concurrency limit comes from the
+settings; streams have no total time limit, and instead one watchdog per client fails any
+stream that has been silent for longer than the idle timeout (Dify pings every 10 s while
+it works).
 """
 
+import asyncio
 import json
 import logging
+import select
+import ssl
 import time
+from urllib.parse import urlsplit
 from uuid import uuid4
 
 from tornado.concurrent import Future
-from tornado.httpclient import AsyncHTTPClient, HTTPRequest
+from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
+from tornado.httputil import HTTPHeaders, HTTPMessageDelegate, RequestStartLine
 from tornado.ioloop import PeriodicCallback
+from tornado.iostream import StreamClosedError
+from tornado.locks import Semaphore
+from tornado.tcpclient import TCPClient
+
+try:
+    from orjson import loads as _loads
+except ImportError:  # orjson is optional: it only makes parsing Dify's events cheaper
+    _loads = json.loads
 
 log = logging.getLogger("opendify.dify")
 
 _ERROR_BODY_LIMIT = 64 * 1024
+_JSON_BODY_LIMIT = 64 * 1024 * 1024
+_IDLE_KEEP = 30.0  # s an unused connection is kept; one the server closed sooner is noticed and dropped
+_IDLE_LIMIT = 256  # unused connections kept at most
+_STREAM_PARAMS = HTTP1ConnectionParameters(chunk_size=64 * 1024, max_body_size=1 << 40, decompress=False)
+_JSON_PARAMS = HTTP1ConnectionParameters(chunk_size=64 * 1024, max_body_size=_JSON_BODY_LIMIT, decompress=False)
 STOP_PATHS = {
     "chat": "/chat-messages/{}/stop",
     "completion": "/completion-messages/{}/stop",
@@ -57,17 +79,141 @@ def error_from_body(status, body):
     return DifyError(status, data.get("code") or f"http_{status}", str(message))
 
 
-class EventStream:
+class Response(HTTPMessageDelegate):
+    """What HTTP1Connection reads of one response: status, headers, and whether the connection may be reused.
+    Subclasses take the body."""
+
+    status = None
+    headers = None
+    complete = False
+    reusable = False
+
+    def headers_received(self, start_line, headers):
+        self.status = start_line.code
+        self.headers = headers
+        self.reusable = start_line.version == "HTTP/1.1" and headers.get("Connection", "").lower() != "close"
+
+    def finish(self):
+        self.complete = True
+
+    def on_connection_close(self):
+        self.reusable = False
+
+
+class Connections:
+    """Keep-alive connections to one Dify server, on Tornado's TCPClient and HTTP1Connection.
+
+    A request takes an idle connection (the newest, after checking the server has not
+    closed it) or opens one; once its response has been read to the end, the connection
+    goes back to the idle list, unless the server asked to close it. A stream closed by
+    the proxy mid-answer loses its connection: that is how the stop reaches Dify at once.
+    """
+
+    def __init__(self, base_url, *, connect_timeout=10.0, max_connections=1000):
+        parts = urlsplit(base_url)
+        self.secure = parts.scheme == "https"
+        self.host = parts.hostname
+        self.port = parts.port or (443 if self.secure else 80)
+        self.authority = parts.netloc.rpartition("@")[2]
+        self.prefix = parts.path.rstrip("/")
+        self.connect_timeout = connect_timeout
+        # The default context reads the system's CAs, and SSL_CERT_FILE when it is set.
+        self.ssl_options = ssl.create_default_context() if self.secure else None
+        self.opened = 0
+        self._tcp = TCPClient()
+        self._idle = []  # (stream, parked at), newest last
+        self._slots = Semaphore(max_connections)
+
+    async def exchange(self, method, path, headers, body, response, params=_JSON_PARAMS, on_stream=None):
+        """Sends one request and feeds its response to `response` (a Response).
+
+        Raises StreamFailure("unreachable"|"timeout") when no connection can be made, and
+        StreamClosedError when it breaks before the response is complete."""
+        async with self._slots:
+            stream = await self._connection()
+            if on_stream is not None:
+                on_stream(stream)
+            kept = False
+            try:
+                stream.set_nodelay(True)
+                connection = HTTP1Connection(stream, True, params)
+                head = HTTPHeaders(headers)
+                head["Host"] = self.authority
+                if body is not None:
+                    head["Content-Length"] = str(len(body))
+                connection.write_headers(RequestStartLine(method, self.prefix + path, "HTTP/1.1"), head, body)
+                connection.finish()
+                kept = await connection.read_response(response)
+            finally:
+                if kept and response.complete and response.reusable and not stream.closed():
+                    self._park(stream)
+                else:
+                    stream.close()
+
+    async def _connection(self):
+        now = time.monotonic()
+        while self._idle:
+            stream, parked = self._idle.pop()
+            if now - parked < _IDLE_KEEP and _quiet(stream):
+                return stream
+            stream.close()
+        try:
+            stream = await self._tcp.connect(self.host, self.port, ssl_options=self.ssl_options,
+                                             timeout=self.connect_timeout)
+        except TimeoutError:
+            raise StreamFailure("timeout", f"no connection to {self.authority} within {self.connect_timeout:g} s")
+        except (OSError, StreamClosedError) as error:
+            raise StreamFailure("unreachable", str(error) or type(error).__name__)
+        self.opened += 1
+        return stream
+
+    def _park(self, stream):
+        if len(self._idle) >= _IDLE_LIMIT:
+            self._idle.pop(0)[0].close()
+        self._idle.append((stream, time.monotonic()))
+
+    def close(self):
+        for stream, _ in self._idle:
+            stream.close()
+        self._idle.clear()
+        self._tcp.close()
+
+
+def _quiet(stream):
+    """Whether an idle connection is still open: a server that closed it (or sent anything
+    unasked) makes it readable."""
+    if stream.closed():
+        return False
+    if not hasattr(select, "poll"):  # Windows
+        return not select.select([stream.fileno()], [], [], 0)[0]
+    poller = select.poll()
+    poller.register(stream.fileno(), select.POLLIN)
+    return not poller.poll(0)
+
+
+class _Body(Response):
+    """A whole (JSON) response body."""
+
+    def __init__(self):
+        self.chunks = []
+
+    def data_received(self, chunk):
+        self.chunks.append(chunk)
+
+    def body(self):
+        return b"".join(self.chunks)
+
+
+class EventStream(Response):
     """One SSE response from Dify, parsed into event dicts as the bytes arrive.
 
-    Tornado hands every network read to `_on_chunk`. Complete lines are parsed there as
-    bytes, so a UTF-8 character split across two reads is only ever decoded whole, and
-    events are handed to the reader in batches: one wake-up per read, not per event.
+    HTTP1Connection hands every network read to `data_received`. Complete lines are parsed
+    there as bytes, so a UTF-8 character split across two reads is only ever decoded whole,
+    and events are handed to the reader in batches: one wake-up per read, not per event.
     """
 
     def __init__(self, client, key, path, body):
         self.task_id = None
-        self.status = None
         self.last_activity = time.monotonic()
         self._client = client
         self._events = []
@@ -78,14 +224,10 @@ class EventStream:
         self._failure = None
         self._finished = False
         self._aborted = False
-        request = HTTPRequest(
-            client.base_url + path, method="POST",
-            headers=client.headers(key, accept="text/event-stream"),
-            body=json.dumps(body, ensure_ascii=False).encode(),
-            connect_timeout=client.connect_timeout, request_timeout=0,
-            header_callback=self._on_header, streaming_callback=self._on_chunk)
+        self._stream = None
         client.watch(self)
-        client.http.fetch(request, raise_error=False).add_done_callback(self._on_done)
+        self._task = asyncio.ensure_future(self._run(
+            client.headers(key, accept="text/event-stream"), json.dumps(body, ensure_ascii=False).encode(), path))
 
     async def next_events(self):
         """The events received since the last call; None once the stream has ended cleanly."""
@@ -101,14 +243,17 @@ class EventStream:
             await self._waiter
 
     def close(self):
-        """Stops reading: the connection is dropped at Dify's next write."""
+        """Stops reading and closes the connection to Dify at once."""
         self._aborted = True
         self._finished = True
         self._client.unwatch(self)
+        if self._stream is not None:
+            self._stream.close()
         self._wake()
 
     def fail(self, failure):
-        self._failure = failure
+        if self._failure is None:
+            self._failure = failure
         self.close()
 
     def _wake(self):
@@ -116,17 +261,33 @@ class EventStream:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def _on_header(self, line):
-        self.last_activity = time.monotonic()
-        if self.status is None and line.startswith("HTTP/"):
-            try:
-                self.status = int(line.split(" ", 2)[1])
-            except (IndexError, ValueError):
-                self.status = 0
+    async def _run(self, headers, body, path):
+        try:
+            await self._client.connections.exchange("POST", path, headers, body, self, _STREAM_PARAMS,
+                                                    on_stream=self._attach)
+        except StreamFailure as failure:
+            if not self._aborted:
+                self._failure = StreamFailure("unreachable", failure.detail)
+        except (StreamClosedError, OSError):
+            pass
+        finally:
+            self._client.unwatch(self)
+            if not self._aborted and not self.complete:
+                self.on_connection_close()
+            self._wake()
 
-    def _on_chunk(self, chunk):
+    def _attach(self, stream):
+        self._stream = stream
         if self._aborted:
-            raise StreamFailure("dropped", "closed by the proxy")
+            stream.close()
+
+    def headers_received(self, start_line, headers):
+        super().headers_received(start_line, headers)
+        self.last_activity = time.monotonic()
+
+    def data_received(self, chunk):
+        if self._aborted:
+            return
         self.last_activity = time.monotonic()
         if self.status != 200:
             if len(self._error_body) < _ERROR_BODY_LIMIT:
@@ -136,61 +297,55 @@ class EventStream:
         self._tail = lines.pop()
         before = len(self._events)
         for line in lines:
-            self._take_line(line)
+            if line.startswith(b"data:"):
+                self._data_lines.append(line[5:])
+            elif self._data_lines and not line.strip():
+                self._dispatch()
+                if self._failure is not None:
+                    return
+            # "event: ping", comments and other fields carry nothing the proxy needs.
         if len(self._events) != before:
             self._wake()
 
-    def _take_line(self, line):
-        if line.startswith(b"data:"):
-            self._data_lines.append(line[5:])
-        elif not line.strip():
-            if self._data_lines:
-                self._dispatch()
-        # "event: ping", comments and other fields carry nothing the proxy needs.
-
     def _dispatch(self):
-        payload = b"\n".join(self._data_lines)
+        payload = b"\n".join(self._data_lines) if len(self._data_lines) > 1 else self._data_lines[0]
         self._data_lines = []
         try:
-            event = json.loads(payload)
+            event = _loads(payload)
         except ValueError:
             self.fail(StreamFailure("malformed", "sent data that is not JSON"))
-            raise self._failure
-        if not isinstance(event, dict):
+            return
+        if event.__class__ is not dict:
             self.fail(StreamFailure("malformed", "sent an event that is not a JSON object"))
-            raise self._failure
+            return
         if self.task_id is None:
             self.task_id = event.get("task_id")
         self._events.append(event)
 
-    def _on_done(self, future):
-        self._client.unwatch(self)
+    def finish(self):
+        super().finish()
         if self._aborted:
             return
-        try:
-            response = future.result()
-        except Exception as error:
-            # raise_error=False only spares HTTP status errors; a refused or cut connection still raises.
-            response = None
-            broken = error
-        if response is None or response.code == 599:
-            if self.status is None:
-                detail = broken if response is None else response.error
-                self._failure = StreamFailure("unreachable", str(detail))
-            else:
-                self._failure = StreamFailure("dropped", "closed the connection mid-answer")
-        elif self.status != 200:
-            self._failure = error_from_body(response.code, bytes(self._error_body))
+        if self.status != 200:
+            self._failure = error_from_body(self.status, bytes(self._error_body))
+            self._failure.retry_after = self.headers.get("Retry-After")
         else:
-            if self._tail.strip():
-                self._take_line(self._tail)
+            if self._tail.startswith(b"data:"):
+                self._data_lines.append(self._tail[5:])
             self._tail = b""
             if self._data_lines:
-                try:
-                    self._dispatch()
-                except StreamFailure:
-                    pass
+                self._dispatch()
             self._finished = True
+        self._wake()
+
+    def on_connection_close(self):
+        super().on_connection_close()
+        if self._aborted or self._failure is not None:
+            return
+        if self.status is None:
+            self._failure = StreamFailure("unreachable", "closed the connection before answering")
+        else:
+            self._failure = StreamFailure("dropped", "closed the connection mid-answer")
         self._wake()
 
 
@@ -198,13 +353,26 @@ class DifyClient:
     """Connections to one Dify server, shared by every app key."""
 
     def __init__(self, base_url, *, connect_timeout=10.0, idle_timeout=90.0, max_connections=1000):
-        self.base_url = base_url.rstrip("/")
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.http = AsyncHTTPClient(force_instance=True, max_clients=max_connections,
-                                    max_body_size=1 << 40, max_buffer_size=64 * 1024 * 1024)
+        self.max_connections = max_connections
+        self.connections = None
+        self.base_url = base_url
         self._streams = set()
         self._watchdog = None
+
+    @property
+    def base_url(self):
+        return self._base_url
+
+    @base_url.setter
+    def base_url(self, url):
+        """A new address gets new connections; requests under way finish on the old ones."""
+        self._base_url = url.rstrip("/")
+        if self.connections is not None:
+            self.connections.close()
+        self.connections = Connections(self._base_url, connect_timeout=self.connect_timeout,
+                                       max_connections=self.max_connections)
 
     def headers(self, key, accept="application/json", content_type="application/json"):
         return {"Authorization": f"Bearer {key}", "Content-Type": content_type, "Accept": accept,
@@ -235,22 +403,26 @@ class DifyClient:
                                 content_type=f"multipart/form-data; boundary={boundary}")
 
     async def _call(self, method, key, path, body, timeout=None, content_type="application/json"):
-        request = HTTPRequest(self.base_url + path, method=method,
-                              headers=self.headers(key, content_type=content_type), body=body,
-                              connect_timeout=self.connect_timeout,
-                              request_timeout=timeout or self.idle_timeout)
+        response = _Body()
+        limit = timeout or self.idle_timeout
         try:
-            response = await self.http.fetch(request, raise_error=False)
-        except Exception as error:
-            raise StreamFailure("timeout" if "Timeout" in type(error).__name__ else "unreachable", str(error))
-        if response.code >= 400:
-            error = error_from_body(response.code, response.body)
+            await asyncio.wait_for(self.connections.exchange(
+                method, path, self.headers(key, content_type=content_type), body, response), limit)
+        except asyncio.TimeoutError:
+            raise StreamFailure("timeout", f"no complete answer to {path} within {limit:g} s")
+        except (StreamClosedError, OSError) as error:
+            raise StreamFailure("unreachable", f"closed the connection: {error}")
+        if not response.complete:
+            raise StreamFailure("unreachable", f"closed the connection before answering {path}")
+        if response.status >= 400:
+            error = error_from_body(response.status, response.body())
             error.retry_after = response.headers.get("Retry-After")
             raise error
-        if response.code == 204 or not response.body:
+        data = response.body()
+        if response.status == 204 or not data:
             return {}
         try:
-            return json.loads(response.body)
+            return json.loads(data)
         except ValueError:
             raise StreamFailure("malformed", f"answered {path} with a body that is not JSON")
 
@@ -273,4 +445,4 @@ class DifyClient:
     def close(self):
         if self._watchdog is not None:
             self._watchdog.stop()
-        self.http.close()
+        self.connections.close()

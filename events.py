@@ -74,6 +74,7 @@ class ThinkSplitter:
         self._closer = None
         self._line_start = True
         self._trim = False
+        self.blocks = 0
 
     def feed(self, text):
         """(CONTENT | REASONING, text) pieces for the next stretch of answer text."""
@@ -105,6 +106,7 @@ class ThinkSplitter:
                 return out
             length, self._closer = opened
             position = start + length
+            self.blocks += 1
             self._trim = True
         return out
 
@@ -316,7 +318,7 @@ class AnswerTranslator:
         self._splitter = ThinkSplitter() if think_tags != "keep" else None
         self._content_tail = ""
         self._block_before = False
-        self._progress_open = False
+        self._reasoning_key = None
         self._thoughts = {}
         self._round_text = ""
         self._files = set()
@@ -330,11 +332,11 @@ class AnswerTranslator:
                 self._agent_text = True
             elif self._agent_text and self.mode == "agent":
                 return ()
-            return self._text(answer)
+            return tuple(self._text(answer))
         if event.get("conversation_id") and self.conversation_id is None:
             self.conversation_id = event["conversation_id"]
         handler = self._HANDLERS.get(name)
-        return handler(self, event) if handler is not None else ()
+        return tuple(handler(self, event)) if handler is not None else ()
 
     def finish_reason(self):
         return "content_filter" if self.replaced else "stop"
@@ -353,32 +355,37 @@ class AnswerTranslator:
         return ((REPLACE, event.get("answer") or ""),)
 
     def _agent_thought(self, event):
+        """One agent round, re-sent as it progresses: only what is new is shown, and a thought
+        the answer already streamed (Dify sends a round's text both ways) is not repeated."""
         if self.agent_work == "hidden":
             return ()
-        state = self._thoughts.setdefault(event.get("id") or event.get("position"),
-                                          {"thought": "", "calls": False, "observed": False})
-        paragraphs = []
+        key = event.get("id") or event.get("position")
+        state = self._thoughts.setdefault(key, {"thought": "", "calls": False, "observed": False})
+        steps = []
         thought = str(event.get("thought") or "")
         if thought and thought != state["thought"]:
-            new = thought[len(state["thought"]):] if thought.startswith(state["thought"]) else thought
-            if not _same_text(self._round_text, thought) and new.strip():
-                paragraphs.append(new.strip())
+            grows = thought.startswith(state["thought"])
+            new = thought[len(state["thought"]):] if grows else thought
+            if new.strip() and not _same_text(self._round_text, thought):
+                steps.append((("thought", key) if grows else None, new))
             state["thought"] = thought
         uses = tool_uses(event)
         if uses and not state["calls"]:
             state["calls"] = True
-            paragraphs.extend(_call_line(label, arguments) for label, arguments, _ in uses)
+            steps.append((None, "\n\n".join(_call_line(label, arguments) for label, arguments, _ in uses)))
         if uses and not state["observed"] and any(observation is not None for _, _, observation in uses):
             state["observed"] = True
-            paragraphs.extend(f"**{label}** returned: {observation}" for label, _, observation in uses
-                              if observation is not None)
+            steps.append((None, "\n\n".join(f"**{label}** returned: {observation}"
+                                             for label, _, observation in uses if observation is not None)))
         if thought or uses:
             self._round_text = ""
-        if not paragraphs:
-            return ()
         if self.agent_work == "inline":
-            return self._block("\n>\n".join("> " + p.replace("\n", "\n> ") for p in paragraphs))
-        return self._reasoning("\n\n".join(paragraphs) + "\n\n")
+            quoted = "\n>\n".join("> " + text.strip().replace("\n", "\n> ") for _, text in steps)
+            return self._block(quoted) if steps else ()
+        pieces = []
+        for step_key, text in steps:
+            pieces.extend(self._reasoning(text, step_key or object()))
+        return pieces
 
     def _message_file(self, event):
         if event.get("belongs_to") == "user" or event.get("id") in self._files:
@@ -392,7 +399,7 @@ class AnswerTranslator:
             return ()
         data = event.get("data") if isinstance(event.get("data"), dict) else event
         text = next((data[key] for key in ("reasoning", "text", "delta") if isinstance(data.get(key), str)), "")
-        return self._reasoning(text) if text else ()
+        return self._reasoning(text, "reasoning_chunk") if text else ()
 
     def _node_started(self, event):
         data = event.get("data") or {}
@@ -400,9 +407,8 @@ class AnswerTranslator:
                 or data.get("iteration_id") or data.get("loop_id")):
             return ()
         title = data.get("title") or data.get("node_type") or "node"
-        step = f" ▸ {title}" if self._progress_open else f"running: {title}"
-        self._progress_open = True
-        return ((REASONING, step),)
+        return self._reasoning(f" ▸ {title}" if self._reasoning_key == "progress" else f"running: {title}",
+                               "progress")
 
     def _node_finished(self, event):
         data = event.get("data") or {}
@@ -410,7 +416,7 @@ class AnswerTranslator:
                 or data.get("iteration_id") or data.get("loop_id")):
             return ()
         return self._reasoning(f"{data.get('title') or 'A node'} failed: "
-                               f"{summarise(data.get('error') or 'no detail', _OBSERVATION_LIMIT)}\n\n")
+                               f"{summarise(data.get('error') or 'no detail', _OBSERVATION_LIMIT)}", object())
 
     def _workflow_finished(self, event):
         data = event.get("data") or {}
@@ -462,7 +468,7 @@ class AnswerTranslator:
             if kind is CONTENT:
                 pieces.extend(self._content(part))
             elif self.think_tags != "hidden":
-                pieces.extend(self._reasoning(part))
+                pieces.extend(self._reasoning(part, ("think", self._splitter.blocks)))
         return pieces
 
     def _content(self, text):
@@ -481,10 +487,13 @@ class AnswerTranslator:
         self._block_before = True
         return pieces
 
-    def _reasoning(self, text):
-        if self._progress_open:
-            self._progress_open = False
-            text = "\n\n" + text
+    def _reasoning(self, text, key):
+        """Reasoning text from one source (a think block, an agent step, the progress line): text
+        from another source than the last starts a new paragraph."""
+        if key != self._reasoning_key:
+            if self._reasoning_key is not None:
+                text = "\n\n" + text.lstrip()
+            self._reasoning_key = key
         return [(REASONING, text)]
 
 
@@ -502,7 +511,7 @@ class WorkflowTranslator(AnswerTranslator):
             text = data.get("text")
             if isinstance(text, str) and text:
                 self._streamed = True
-                return self._text(text)
+                return tuple(self._text(text))
             return ()
         return super().feed(event)
 

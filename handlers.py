@@ -17,6 +17,7 @@ from tornado.web import RequestHandler, stream_request_body
 
 from apps import AppRegistry
 from completions import Completion, client_id, dify_user
+from memory import Binding
 from dify_client import DifyClient
 from errors import APIError, generic
 from files import Uploads
@@ -177,17 +178,24 @@ def body_too_large(limit):
 class ChatCompletionsHandler(BoundedBody, BaseHandler):
     completion = None
 
-    async def post(self):
-        request = parse_chat_request(parse_body(self.request.body))
+    async def begin(self, request, completion_id):
+        """Resolves the model and starts its Completion (early failures raise APIError)."""
         self.model = request.model
+        self.completion_id = completion_id
         app = await self.proxy.registry.resolve(request.model)
         if app is None:
             raise model_not_found(request.model, self.proxy.registry)
-        self.completion_id = new_completion_id()
+        if not request.conversation_id:
+            request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
+        binding = Binding(self.proxy.secret, app.mark_id, self.client)
         self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                                     self.proxy.settings)
+                                     self.proxy.settings, binding)
         self.completion.uploads = self.proxy.uploads
         await self.completion.start()
+
+    async def post(self):
+        request = parse_chat_request(parse_body(self.request.body))
+        await self.begin(request, new_completion_id())
         if request.stream:
             await EventStreamResponse(self, self.completion, self.proxy.heartbeat).run()
         else:
@@ -195,6 +203,8 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             if self.completion.cancelled:
                 return
             self.tokens = self.completion.usage()
+            if self.completion.conversation_id:
+                self.set_header("X-Dify-Conversation-Id", self.completion.conversation_id)
             self.write_json(completion_body(self.completion_id, int(time.time()), request.model, answer.message(),
                                             self.completion.finish_reason(), self.tokens))
             return
@@ -212,14 +222,7 @@ class TextCompletionsHandler(ChatCompletionsHandler):
 
     async def post(self):
         request = parse_text_completion_request(parse_body(self.request.body))
-        self.model = request.model
-        app = await self.proxy.registry.resolve(request.model)
-        if app is None:
-            raise model_not_found(request.model, self.proxy.registry)
-        self.completion_id = new_text_completion_id()
-        self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                                     self.proxy.settings)
-        await self.completion.start()
+        await self.begin(request, new_text_completion_id())
         if request.stream:
             encoder = TextChunkEncoder(self.completion_id, request.model)
             await EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder).run()

@@ -51,8 +51,6 @@ def main():
         sys.stderr.write(f"opendify: configuration error: {error}\n")
         sys.exit(2)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.conversation_memory_mode == 2:
-        log.warning("CONVERSATION_MEMORY_MODE=2 is not available yet; using mode 1 (history in each query)")
     try:
         asyncio.run(serve(settings))
     except KeyboardInterrupt:

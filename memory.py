@@ -21,9 +21,26 @@ transcript is folded into the query, in tagged blocks a model reads unambiguousl
 The system/developer prompt appears once, list content is rendered as text (attachments
 as short placeholders, never base64), and assistant tool calls and tool results are kept.
 A single plain user message is sent as itself.
+
+Mode 2 (conversation marks): Dify keeps the conversation, and every reply ends with an
+invisible mark (see marks.py) carrying the Dify conversation id. The mark's integrity
+check is bound to the app, the client, and a digest of the visible transcript up to and
+including that reply. So the mark on the newest reply validates only if the chat the
+client resends is the chat Dify holds: a forged mark, another client's or app's mark, or
+a history the user edited or trimmed all fail the same check, and the proxy then starts a
+fresh Dify conversation from the visible history instead of continuing a stale one. No
+state is kept on the server, so restarts and several instances agree.
 """
 
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass
 from urllib.parse import urlsplit
+
+import marks
+import tools
+from errors import bad_request
 
 SYSTEM_ROLES = ("system", "developer")
 
@@ -62,20 +79,8 @@ def content_text(content):
     return "\n".join(text for text in (part_text(part) for part in content) if text)
 
 
-def render_tool_calls(tool_calls):
-    lines = []
-    for call in tool_calls or ():
-        function = call.get("function") or {}
-        lines.append(f'<tool_call id="{call.get("id", "")}">'
-                     f'{{"name": "{function.get("name", "")}", "arguments": {function.get("arguments") or "{}"}}}'
-                     "</tool_call>")
-    return "\n".join(lines)
-
-
 def render_tool_result(message, names_by_id):
-    call_id = message.get("tool_call_id") or ""
-    name = message.get("name") or names_by_id.get(call_id, "")
-    return f'<tool_result id="{call_id}" name="{name}">\n{content_text(message.get("content"))}\n</tool_result>'
+    return tools.render_tool_result({**message, "content": content_text(message.get("content"))}, names_by_id)
 
 
 def render_turn(message, names_by_id):
@@ -84,11 +89,12 @@ def render_turn(message, names_by_id):
         return render_tool_result(message, names_by_id)
     text = content_text(message.get("content"))
     if role == "assistant":
+        text = marks.strip_marks(text).strip()
         calls = list(message.get("tool_calls") or ())
         legacy = message.get("function_call")
         if isinstance(legacy, dict):
             calls.append({"id": "", "function": legacy})
-        text = "\n".join(t for t in (text, render_tool_calls(calls)) if t)
+        text = "\n".join(t for t in (text, tools.render_tool_calls(calls)) if t)
     name = message.get("name")
     attribute = f' name="{name}"' if isinstance(name, str) and name else ""
     return f"<{role}{attribute}>\n{text}\n</{role}>"
@@ -139,3 +145,102 @@ def fold_query(messages, *, include_system=True):
     elif history:
         blocks.append("Continue your last reply.")
     return "\n\n".join(blocks)
+
+
+@dataclass(frozen=True)
+class Binding:
+    """What a mark is bound to besides the transcript: the server secret, the app and the client."""
+    secret: bytes
+    app_id: str
+    client: str
+
+
+@dataclass
+class Plan:
+    """What to ask Dify: continue `conversation_id` with `query`, or ("", the whole chat folded)."""
+    conversation_id: str
+    query: str
+    fresh_query: str
+    explicit: bool = False
+
+
+def _call_summary(call):
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return ["", ""]
+    arguments = function.get("arguments")
+    try:
+        arguments = json.dumps(json.loads(arguments), sort_keys=True, ensure_ascii=False)
+    except (TypeError, ValueError):
+        arguments = " ".join(str(arguments or "").split())
+    return [function.get("name") or "", arguments]
+
+
+def transcript_digest(messages):
+    """A digest of what the user sees of a chat. What clients change harmlessly (whitespace,
+    the marks themselves, call ids, list versus string content) does not change it."""
+    digest = hashlib.sha256()
+    for message in messages:
+        text = " ".join(marks.strip_marks(content_text(message.get("content"))).split())
+        calls = [_call_summary(call) for call in message.get("tool_calls") or ()]
+        entry = [message.get("role"), text, calls]
+        digest.update(json.dumps(entry, ensure_ascii=False).encode())
+        digest.update(b"\n")
+    return digest.hexdigest()[:32]
+
+
+def _mark_client(binding, messages):
+    return f"{binding.client}:{transcript_digest(messages)}"
+
+
+def _newest_marked_reply(messages):
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if message.get("role") == "assistant" and _has_mark(message.get("content")):
+            return index
+    return None
+
+
+def _has_mark(content):
+    if isinstance(content, str):
+        return marks.has_mark_characters(content)
+    return isinstance(content, list) and any(
+        isinstance(part, dict) and isinstance(part.get("text"), str) and marks.has_mark_characters(part["text"])
+        for part in content)
+
+
+def checked_conversation_id(value):
+    try:
+        return str(uuid.UUID(value))
+    except (ValueError, AttributeError, TypeError):
+        raise bad_request("conversation_id must be a Dify conversation id (a UUID).", param="conversation_id",
+                          code="invalid_value")
+
+
+def plan_conversation(messages, binding, explicit_id=""):
+    """Mode 2: continue the Dify conversation whose mark is on the newest reply, sending only
+    the turns after it, when that mark is valid for this app, client and visible history;
+    otherwise a fresh conversation from the whole chat, folded as in mode 1."""
+    fresh = fold_query(messages)
+    names = tool_names(messages)
+    if explicit_id:
+        _, new = split_turns(messages)
+        return Plan(checked_conversation_id(explicit_id), render_new_turns(new, names) or fresh, fresh, True)
+    index = _newest_marked_reply(messages)
+    if index is None:
+        return Plan("", fresh, fresh)
+    conversation_id = marks.find_conversation(messages[index].get("content"), secret=binding.secret,
+                                              app_id=binding.app_id,
+                                              client_id=_mark_client(binding, messages[:index + 1]))
+    new = [m for m in messages[index + 1:] if m.get("role") not in SYSTEM_ROLES]
+    if conversation_id is None or not new:
+        return Plan("", fresh, fresh)
+    return Plan(conversation_id, render_new_turns(new, names), fresh)
+
+
+def reply_mark(conversation_id, messages, reply_text, tool_calls, binding):
+    """The separator and mark that end a reply, bound to the transcript the client will resend."""
+    reply = {"role": "assistant", "content": reply_text, "tool_calls": tool_calls}
+    mark = marks.make_mark(conversation_id, secret=binding.secret, app_id=binding.app_id,
+                           client_id=_mark_client(binding, list(messages) + [reply]))
+    return marks.mark_suffix(reply_text, mark)

@@ -372,6 +372,8 @@ class EventStreamResponse:
         handler.set_header("Content-Type", "text/event-stream; charset=utf-8")
         handler.set_header("Cache-Control", "no-cache")
         handler.set_header("X-Accel-Buffering", "no")
+        if self.completion.conversation_id:
+            handler.set_header("X-Dify-Conversation-Id", self.completion.conversation_id)
         handler.write(self.encoder.role())
         self.committed = True
 
