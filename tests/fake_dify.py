@@ -1002,6 +1002,7 @@ class _DifyHandler(RequestHandler):
     # ---- uploads
 
     async def _files_upload(self, app: FakeApp) -> None:
+        await self.fake._meet_other_uploads()
         if self.fake.upload_error is not None:
             status, code, message = self.fake.upload_error
             raise _ApiError(status, code, message)
@@ -1240,6 +1241,12 @@ class FakeDify:
         self.stops: list[tuple[str, str, str]] = []
         self.uploads: dict[str, Upload] = {}
         self.upload_error: tuple[int, str, str] | None = None
+        # With upload_rendezvous = n, each upload waits (at most 2 s) until n uploads are in flight at
+        # once; max_concurrent_uploads records the most seen, so tests can tell parallel from serial.
+        self.upload_rendezvous = 0
+        self.max_concurrent_uploads = 0
+        self._uploads_waiting = 0
+        self._rendezvous: asyncio.Event | None = None
         self.conversations: dict[str, tuple[str, str]] = {}
         self.connections_opened = 0
         self.active_streams = 0
@@ -1281,6 +1288,22 @@ class FakeDify:
             if not self._executions:
                 break
             await asyncio.sleep(0.01)
+
+    async def _meet_other_uploads(self) -> None:
+        if not self.upload_rendezvous:
+            return
+        if self._rendezvous is None:
+            self._rendezvous = asyncio.Event()
+        self._uploads_waiting += 1
+        self.max_concurrent_uploads = max(self.max_concurrent_uploads, self._uploads_waiting)
+        if self._uploads_waiting >= self.upload_rendezvous:
+            self._rendezvous.set()
+        try:
+            await asyncio.wait_for(self._rendezvous.wait(), 2)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._uploads_waiting -= 1
 
     # ---- test-facing API (any thread)
 
