@@ -34,6 +34,8 @@ _AGENT_MODES = ("agent-chat", "agent")
 _THOUGHT_INPUT_LIMIT = 300
 _OBSERVATION_LIMIT = 500
 _DETAILS_LIMIT = 512
+_LEADING_TAG = re.compile(r"[ \t]*<")
+_LINE_TAG = re.compile(r"\n[ \t]*<")
 _THINKING_DETAILS = re.compile(r"<details\b[^>]*>\s*<summary\b[^>]*>\s*Thinking[.…]*\s*</summary>", re.IGNORECASE)
 
 
@@ -122,20 +124,20 @@ class ThinkSplitter:
 
     def _next_opening(self, buffer, position):
         """The first '<' at a line start from `position` that opens (or may open) a block."""
-        search = position
-        while (start := buffer.find("<", search)) >= 0:
-            if self._at_line_start(buffer, position, start):
-                opened = _opening(buffer[start:])
-                if opened is not None:
-                    return start, opened
-            search = start + 1
+        for start in self._line_starts(buffer, position):
+            opened = _opening(buffer[start:start + _DETAILS_LIMIT + 1])
+            if opened is not None:
+                return start, opened
         return None, None
 
-    def _at_line_start(self, buffer, position, index):
-        newline = buffer.rfind("\n", position, index)
-        if newline < 0:
-            return self._line_start and not buffer[position:index].strip(" \t")
-        return not buffer[newline + 1:index].strip(" \t")
+    def _line_starts(self, buffer, position):
+        """Each '<' from `position` on that only blanks separate from the start of its line."""
+        if self._line_start:
+            first = _LEADING_TAG.match(buffer, position)
+            if first:
+                yield first.end() - 1
+        for found in _LINE_TAG.finditer(buffer, position):
+            yield found.end() - 1
 
     def _emit_content(self, out, text):
         if not text:
@@ -441,6 +443,8 @@ class AnswerTranslator:
         "message_file": _message_file,
         "reasoning_chunk": _reasoning_chunk,
         "node_started": _node_started,
+        "iteration_started": _node_started,
+        "loop_started": _node_started,
         "node_finished": _node_finished,
         "workflow_finished": _workflow_finished,
         "workflow_paused": _workflow_paused,

@@ -207,9 +207,10 @@ def node(title, node_type="llm", **fields):
 def test_node_progress_as_one_reasoning_line():
     translator = AnswerTranslator("advanced-chat", "m", workflow_progress="reasoning")
     pieces = run(translator, [node("Start", "start"), node("Knowledge retrieval", "knowledge-retrieval"),
+                              {"event": "iteration_started", "data": {"title": "Each doc", "node_type": "iteration"}},
                               node("Inner", iteration_id="it1"), node("LLM"),
                               {"event": "message", "answer": "<think>x</think>Answer"}])
-    assert pieces == [(REASONING, "running: Knowledge retrieval ▸ LLM\n\nx"), (CONTENT, "Answer")]
+    assert pieces == [(REASONING, "running: Knowledge retrieval ▸ Each doc ▸ LLM\n\nx"), (CONTENT, "Answer")]
     assert run(AnswerTranslator("advanced-chat", "m"), [node("LLM")]) == []
 
 
