@@ -88,10 +88,13 @@ class AppRegistry:
 
     async def keep_fresh(self):
         """Refreshes forever: every refresh interval, or every 30 s while some app's /info fails."""
+        shown = None
         while True:
             await self.refresh()
-            log.info("serving %d model(s): %s", len(self._apps),
-                     ", ".join(f"{app.model_id!r} ({app.mode})" for app in self._apps.values()) or "none")
+            listing = ", ".join(f"{app.model_id!r} ({app.mode})" for app in self._apps.values()) or "none"
+            if listing != shown:
+                log.info("serving %d model(s): %s", len(self._apps), listing)
+                shown = listing
             await asyncio.sleep(min(self.refresh_interval, 30) if self.failing else self.refresh_interval)
 
     async def refresh(self):

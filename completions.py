@@ -61,6 +61,9 @@ class Answer:
             elif kind is TOOL_CALL:
                 self.tool_calls.append({"id": value["id"], "type": "function",
                                         "function": {"name": value["name"], "arguments": value["arguments"]}})
+                self.legacy = bool(value.get("legacy"))
+
+    legacy = False
 
     def message(self):
         """The OpenAI assistant message; content is null when the answer is only tool calls."""
@@ -68,7 +71,9 @@ class Answer:
         message = {"role": "assistant", "content": text if text or not self.tool_calls else None, "refusal": None}
         if self.reasoning:
             message["reasoning_content"] = "".join(self.reasoning)
-        if self.tool_calls:
+        if self.tool_calls and self.legacy:
+            message["function_call"] = self.tool_calls[0]["function"]
+        elif self.tool_calls:
             message["tool_calls"] = self.tool_calls
         return message
 
@@ -142,6 +147,9 @@ class Completion:
             target = text_variable(form, given, self.settings.input_variable if self.settings else "")
             if target is not None:
                 given = {**given, target: query}
+            elif mode == "workflow":
+                log.debug("model %r: the workflow's input form has no free text variable; the message is not "
+                          "sent (its inputs are)", self.request.model)
         body = {"inputs": check_inputs(form, given, target), "user": self.user, "response_mode": "streaming"}
         if files:
             body["files"] = files
@@ -225,11 +233,20 @@ class Completion:
         parser = self.tool_parser
         for piece in pieces:
             parsed.extend(parser.feed(piece[1]) if piece[0] is CONTENT else (piece,))
-        return parsed
+        return self._legacy(parsed) if self.tool_request.legacy else parsed
+
+    @staticmethod
+    def _legacy(pieces):
+        """Legacy `functions` requests are answered with `function_call`, one call at most."""
+        return [(kind, {**value, "legacy": True}) if kind is TOOL_CALL else (kind, value) for kind, value in pieces]
 
     def _closing_pieces(self):
         """What ends the answer: text the tool parser held back, and in mode 2 the conversation mark."""
-        closing = list(self.tool_parser.finish()) if self.tool_parser is not None else []
+        closing = []
+        if self.tool_parser is not None:
+            closing = list(self.tool_parser.finish())
+            if self.tool_request.legacy:
+                closing = self._legacy(closing)
         if self.tool_parser is not None and self.tool_parser.called:
             self.called_tools = True
         if self.marks_replies:
@@ -265,7 +282,9 @@ class Completion:
         return answer
 
     def finish_reason(self):
-        return "tool_calls" if self.called_tools else self.translator.finish_reason()
+        if self.called_tools:
+            return "function_call" if self.tool_request.legacy else "tool_calls"
+        return self.translator.finish_reason()
 
     def usage(self):
         """Dify's usage figures, or an estimate from the text lengths when Dify reported none."""

@@ -13,19 +13,15 @@ it works).
 import asyncio
 import json
 import logging
-import select
 import ssl
 import time
 from urllib.parse import urlsplit
 from uuid import uuid4
 
 from tornado.concurrent import Future
-from tornado.http1connection import HTTP1Connection, HTTP1ConnectionParameters
-from tornado.httputil import HTTPHeaders, HTTPMessageDelegate, RequestStartLine
+from tornado.httputil import HTTPHeaders, HTTPInputError, HTTPMessageDelegate, parse_response_start_line
 from tornado.ioloop import PeriodicCallback
-from tornado.iostream import StreamClosedError
 from tornado.locks import Semaphore
-from tornado.tcpclient import TCPClient
 
 try:
     from orjson import loads as _loads
@@ -38,8 +34,8 @@ _ERROR_BODY_LIMIT = 64 * 1024
 _JSON_BODY_LIMIT = 64 * 1024 * 1024
 _IDLE_KEEP = 30.0  # s an unused connection is kept; one the server closed sooner is noticed and dropped
 _IDLE_LIMIT = 256  # unused connections kept at most
-_STREAM_PARAMS = HTTP1ConnectionParameters(chunk_size=64 * 1024, max_body_size=1 << 40, decompress=False)
-_JSON_PARAMS = HTTP1ConnectionParameters(chunk_size=64 * 1024, max_body_size=_JSON_BODY_LIMIT, decompress=False)
+_STREAM_BODY_LIMIT = 1 << 40
+_HEAD_LIMIT = 64 * 1024
 STOP_PATHS = {
     "chat": "/chat-messages/{}/stop",
     "completion": "/completion-messages/{}/stop",
@@ -100,13 +96,194 @@ class Response(HTTPMessageDelegate):
         self.reusable = False
 
 
-class Connections:
-    """Keep-alive connections to one Dify server, on Tornado's TCPClient and HTTP1Connection.
+class Connection(asyncio.Protocol):
+    """One keep-alive HTTP/1.1 connection to Dify, read as the bytes arrive.
 
-    A request takes an idle connection (the newest, after checking the server has not
-    closed it) or opens one; once its response has been read to the end, the connection
-    goes back to the idle list, unless the server asked to close it. A stream closed by
-    the proxy mid-answer loses its connection: that is how the stop reaches Dify at once.
+    An asyncio protocol gets each network read in one call; its response is parsed there
+    (Tornado's httputil for the head, chunked framing by hand) and handed to a Response.
+    An idle connection is still read by the loop, so one the server closes is noticed at
+    once and never reused.
+    """
+
+    def __init__(self):
+        self.transport = None
+        self.lost = False
+        self.parked = None
+        self._response = None
+        self._done = None
+        self._buffer = b""
+        self._chunk = None  # bytes left of the current chunk (or sized body); None: a size line comes next
+        self._framing = None  # "head", "chunked", "trailer", "sized" or "close"
+        self._limit = 0
+
+    def send(self, request, response, limit):
+        """Writes one request; the future resolves once its response is complete (or the connection lost)."""
+        self._response = response
+        self._done = Future()
+        self._buffer = b""
+        self._framing = "head"
+        self._limit = limit
+        self.transport.write(request)
+        return self._done
+
+    def abort(self):
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        self.lost = True
+        response, self._response = self._response, None
+        if response is not None:
+            if self._framing == "close":
+                self._buffer = b""
+                response.finish()
+            else:
+                response.on_connection_close()
+            self._settle()
+
+    def eof_received(self):
+        return False
+
+    def data_received(self, data):
+        if self._response is None:
+            self.transport.abort()  # nothing is expected on an idle connection
+            return
+        buffer = self._buffer + data if self._buffer else data
+        self._buffer = b""
+        try:
+            if self._framing == "head":
+                buffer = self._head(buffer)
+                if buffer is None:
+                    return
+            if self._framing == "chunked":
+                body, buffer = self._dechunk(buffer)
+            elif self._framing == "sized":
+                body, buffer = buffer[:self._chunk], buffer[self._chunk:]
+                self._chunk -= len(body)
+            else:
+                body, buffer = buffer, b""
+            if self._framing == "trailer":
+                buffer = self._trailer(buffer)
+        except HTTPInputError as error:
+            log.warning("Dify sent a malformed HTTP response: %s", error)
+            self._response.on_connection_close()
+            self._response = None
+            self.transport.abort()
+            self._settle()
+            return
+        self._buffer = buffer
+        response = self._response
+        if body and response is not None:
+            self._limit -= len(body)
+            if self._limit < 0:
+                self._overflow()
+                return
+            response.data_received(body)
+        if self._framing == "sized" and not self._chunk or self._framing == "done":
+            self._response = None
+            if buffer:
+                self.transport.abort()
+            response.finish()
+            self._settle()
+
+    def _overflow(self):
+        log.warning("Dify sent a response larger than %d bytes; dropping it", _JSON_BODY_LIMIT)
+        response, self._response = self._response, None
+        response.on_connection_close()
+        self.transport.abort()
+        self._settle()
+
+    def _settle(self):
+        done, self._done = self._done, None
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    def _head(self, buffer):
+        while self._framing == "head":
+            end = buffer.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buffer) > _HEAD_LIMIT:
+                    raise HTTPInputError("response head too long")
+                self._buffer = buffer
+                return None
+            text = buffer[:end].decode("latin1")
+            buffer = buffer[end + 4:]
+            first, _, rest = text.partition("\r\n")
+            start_line = parse_response_start_line(first)
+            if 100 <= start_line.code < 200:
+                continue
+            headers = HTTPHeaders.parse(rest)
+            self._response.headers_received(start_line, headers)
+            if start_line.code in (204, 304):
+                self._framing, self._chunk = "sized", 0
+            elif "chunked" in headers.get("Transfer-Encoding", "").lower():
+                self._framing, self._chunk = "chunked", None
+            elif "Content-Length" in headers:
+                try:
+                    self._framing, self._chunk = "sized", int(headers["Content-Length"])
+                except ValueError:
+                    raise HTTPInputError("bad Content-Length")
+            else:
+                self._framing = "close"
+                self._response.reusable = False
+        return buffer
+
+    def _dechunk(self, buffer):
+        out = []
+        while True:
+            if self._chunk is None:
+                line_end = buffer.find(b"\r\n")
+                if line_end < 0:
+                    if len(buffer) > 1024:
+                        raise HTTPInputError("chunk size line too long")
+                    break
+                try:
+                    size = int(buffer[:line_end].split(b";", 1)[0], 16)
+                except ValueError:
+                    raise HTTPInputError("invalid chunk size")
+                buffer = buffer[line_end + 2:]
+                if size == 0:
+                    self._framing = "trailer"
+                    break
+                self._chunk = size
+            if self._chunk:
+                piece = buffer[:self._chunk]
+                out.append(piece)
+                buffer = buffer[len(piece):]
+                self._chunk -= len(piece)
+                if self._chunk:
+                    break
+            if len(buffer) < 2:
+                break
+            if buffer[:2] != b"\r\n":
+                raise HTTPInputError("chunk not followed by CRLF")
+            buffer = buffer[2:]
+            self._chunk = None
+        return (out[0] if len(out) == 1 else b"".join(out)), buffer
+
+    def _trailer(self, buffer):
+        while True:
+            line_end = buffer.find(b"\r\n")
+            if line_end < 0:
+                return buffer
+            line, buffer = buffer[:line_end], buffer[line_end + 2:]
+            if not line:
+                self._framing = "done"
+                return buffer
+
+
+class Connections:
+    """Keep-alive connections to one Dify server.
+
+    A request takes the newest idle connection or opens one; once its response has been
+    read to the end, the connection goes back to the idle list, unless the server asked to
+    close it. A stream the proxy closes mid-answer loses its connection: that is how the
+    stop reaches Dify at once. Connections are asyncio transports rather than Tornado's
+    IOStream + HTTP1Connection: measured, Tornado's per-read futures and reader
+    re-registrations cost more than the rest of the relay (see bench/README.md).
     """
 
     def __init__(self, base_url, *, connect_timeout=10.0, max_connections=1000):
@@ -118,77 +295,67 @@ class Connections:
         self.prefix = parts.path.rstrip("/")
         self.connect_timeout = connect_timeout
         # The default context reads the system's CAs, and SSL_CERT_FILE when it is set.
-        self.ssl_options = ssl.create_default_context() if self.secure else None
+        self.ssl_context = ssl.create_default_context() if self.secure else None
         self.opened = 0
-        self._tcp = TCPClient()
-        self._idle = []  # (stream, parked at), newest last
+        self._idle = []  # newest last
         self._slots = Semaphore(max_connections)
 
-    async def exchange(self, method, path, headers, body, response, params=_JSON_PARAMS, on_stream=None):
-        """Sends one request and feeds its response to `response` (a Response).
-
-        Raises StreamFailure("unreachable"|"timeout") when no connection can be made, and
-        StreamClosedError when it breaks before the response is complete."""
+    async def exchange(self, method, path, headers, body, response, limit=_JSON_BODY_LIMIT, on_connection=None):
+        """Sends one request and feeds its response to `response` (a Response); returns once it is
+        complete or the connection broke (the response is told which). Raises StreamFailure
+        ("unreachable" or "timeout") when no connection can be made."""
+        request = self._request(method, path, headers, body)
         async with self._slots:
-            stream = await self._connection()
-            if on_stream is not None:
-                on_stream(stream)
-            kept = False
+            connection = await self._connection()
+            if on_connection is not None:
+                on_connection(connection)
             try:
-                stream.set_nodelay(True)
-                connection = HTTP1Connection(stream, True, params)
-                head = HTTPHeaders(headers)
-                head["Host"] = self.authority
-                if body is not None:
-                    head["Content-Length"] = str(len(body))
-                connection.write_headers(RequestStartLine(method, self.prefix + path, "HTTP/1.1"), head, body)
-                connection.finish()
-                kept = await connection.read_response(response)
+                await connection.send(request, response, limit)
             finally:
-                if kept and response.complete and response.reusable and not stream.closed():
-                    self._park(stream)
+                if response.complete and response.reusable and not connection.lost:
+                    self._park(connection)
                 else:
-                    stream.close()
+                    connection.abort()
+
+    def _request(self, method, path, headers, body):
+        lines = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.authority}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if body is not None:
+            lines.append(f"Content-Length: {len(body)}")
+        head = "\r\n".join(lines)
+        if "\n" in head.replace("\r\n", "") or "\r" in head.replace("\r\n", ""):
+            raise ValueError("a request header holds a line break")
+        return head.encode("latin1") + b"\r\n\r\n" + (body or b"")
 
     async def _connection(self):
         now = time.monotonic()
         while self._idle:
-            stream, parked = self._idle.pop()
-            if now - parked < _IDLE_KEEP and _quiet(stream):
-                return stream
-            stream.close()
+            connection = self._idle.pop()
+            if not connection.lost and now - connection.parked < _IDLE_KEEP:
+                return connection
+            connection.abort()
+        loop = asyncio.get_running_loop()
         try:
-            stream = await self._tcp.connect(self.host, self.port, ssl_options=self.ssl_options,
-                                             timeout=self.connect_timeout)
-        except TimeoutError:
+            _, connection = await asyncio.wait_for(loop.create_connection(
+                Connection, self.host, self.port, ssl=self.ssl_context,
+                server_hostname=self.host if self.secure else None), self.connect_timeout)
+        except asyncio.TimeoutError:
             raise StreamFailure("timeout", f"no connection to {self.authority} within {self.connect_timeout:g} s")
-        except (OSError, StreamClosedError) as error:
+        except OSError as error:
             raise StreamFailure("unreachable", str(error) or type(error).__name__)
         self.opened += 1
-        return stream
+        return connection
 
-    def _park(self, stream):
+    def _park(self, connection):
         if len(self._idle) >= _IDLE_LIMIT:
-            self._idle.pop(0)[0].close()
-        self._idle.append((stream, time.monotonic()))
+            self._idle.pop(0).abort()
+        connection.parked = time.monotonic()
+        self._idle.append(connection)
 
     def close(self):
-        for stream, _ in self._idle:
-            stream.close()
+        for connection in self._idle:
+            connection.abort()
         self._idle.clear()
-        self._tcp.close()
-
-
-def _quiet(stream):
-    """Whether an idle connection is still open: a server that closed it (or sent anything
-    unasked) makes it readable."""
-    if stream.closed():
-        return False
-    if not hasattr(select, "poll"):  # Windows
-        return not select.select([stream.fileno()], [], [], 0)[0]
-    poller = select.poll()
-    poller.register(stream.fileno(), select.POLLIN)
-    return not poller.poll(0)
 
 
 class _Body(Response):
@@ -224,7 +391,7 @@ class EventStream(Response):
         self._failure = None
         self._finished = False
         self._aborted = False
-        self._stream = None
+        self._connection = None
         client.watch(self)
         self._task = asyncio.ensure_future(self._run(
             client.headers(key, accept="text/event-stream"), json.dumps(body, ensure_ascii=False).encode(), path))
@@ -247,8 +414,8 @@ class EventStream(Response):
         self._aborted = True
         self._finished = True
         self._client.unwatch(self)
-        if self._stream is not None:
-            self._stream.close()
+        if self._connection is not None:
+            self._connection.abort()
         self._wake()
 
     def fail(self, failure):
@@ -263,23 +430,21 @@ class EventStream(Response):
 
     async def _run(self, headers, body, path):
         try:
-            await self._client.connections.exchange("POST", path, headers, body, self, _STREAM_PARAMS,
-                                                    on_stream=self._attach)
+            await self._client.connections.exchange("POST", path, headers, body, self, _STREAM_BODY_LIMIT,
+                                                    on_connection=self._attach)
         except StreamFailure as failure:
             if not self._aborted:
                 self._failure = StreamFailure("unreachable", failure.detail)
-        except (StreamClosedError, OSError):
-            pass
         finally:
             self._client.unwatch(self)
             if not self._aborted and not self.complete:
                 self.on_connection_close()
             self._wake()
 
-    def _attach(self, stream):
-        self._stream = stream
+    def _attach(self, connection):
+        self._connection = connection
         if self._aborted:
-            stream.close()
+            connection.abort()
 
     def headers_received(self, start_line, headers):
         super().headers_received(start_line, headers)
@@ -410,8 +575,6 @@ class DifyClient:
                 method, path, self.headers(key, content_type=content_type), body, response), limit)
         except asyncio.TimeoutError:
             raise StreamFailure("timeout", f"no complete answer to {path} within {limit:g} s")
-        except (StreamClosedError, OSError) as error:
-            raise StreamFailure("unreachable", f"closed the connection: {error}")
         if not response.complete:
             raise StreamFailure("unreachable", f"closed the connection before answering {path}")
         if response.status >= 400:

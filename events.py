@@ -321,6 +321,7 @@ class AnswerTranslator:
         self._content_tail = ""
         self._block_before = False
         self._reasoning_key = None
+        self._reasoned = False
         self._thoughts = {}
         self._round_text = ""
         self._files = set()
@@ -386,13 +387,14 @@ class AnswerTranslator:
             return self._block(quoted) if steps else ()
         pieces = []
         for step_key, text in steps:
-            pieces.extend(self._reasoning(text, step_key or object()))
+            pieces.extend(self._reasoning(text, step_key))
         return pieces
 
     def _message_file(self, event):
-        if event.get("belongs_to") == "user" or event.get("id") in self._files:
+        seen = event.get("id") or event.get("url")
+        if event.get("belongs_to") == "user" or seen in self._files:
             return ()
-        self._files.add(event.get("id"))
+        self._files.add(seen)
         markdown = file_markdown(event, self.files_base)
         return self._block(markdown) if markdown else ()
 
@@ -418,7 +420,7 @@ class AnswerTranslator:
                 or data.get("iteration_id") or data.get("loop_id")):
             return ()
         return self._reasoning(f"{data.get('title') or 'A node'} failed: "
-                               f"{summarise(data.get('error') or 'no detail', _OBSERVATION_LIMIT)}", object())
+                               f"{summarise(data.get('error') or 'no detail', _OBSERVATION_LIMIT)}")
 
     def _workflow_finished(self, event):
         data = event.get("data") or {}
@@ -491,13 +493,13 @@ class AnswerTranslator:
         self._block_before = True
         return pieces
 
-    def _reasoning(self, text, key):
-        """Reasoning text from one source (a think block, an agent step, the progress line): text
-        from another source than the last starts a new paragraph."""
-        if key != self._reasoning_key:
-            if self._reasoning_key is not None:
-                text = "\n\n" + text.lstrip()
-            self._reasoning_key = key
+    def _reasoning(self, text, key=None):
+        """Reasoning text from one source (a think block, a growing thought, the progress line): text
+        from another source than the last, or from none (key None), starts a new paragraph."""
+        if self._reasoned and (key is None or key != self._reasoning_key):
+            text = "\n\n" + text.lstrip()
+        self._reasoning_key = key
+        self._reasoned = True
         return [(REASONING, text)]
 
 

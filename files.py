@@ -21,6 +21,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
+from tornado.ioloop import IOLoop
+
 from dify_client import DifyError, StreamFailure
 from errors import APIError, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 
@@ -115,10 +117,10 @@ NAMED_FORMATS = {f.ext: f for f in (
     Format(AUDIO, "amr", "audio/amr", "AMR audio", "amr"),
 )}
 _EXT_ALIASES = {"jpeg": "jpg", "jpe": "jpg"}
-_MIME_EXTS = {"image/jpg": "jpg", "audio/mp3": "mp3", "audio/x-wav": "wav", "audio/wave": "wav",
+# A MIME type's extension, for files sent without a filename: the first format listed with it wins.
+_MIME_EXTS = {**{f.mime: f.ext for f in reversed((*IMAGE_FORMATS, *NAMED_FORMATS.values()))},
+              "image/jpg": "jpg", "audio/mp3": "mp3", "audio/x-wav": "wav", "audio/wave": "wav",
               "text/x-markdown": "md", "application/xml": "xml"}
-for _format in (*IMAGE_FORMATS, *NAMED_FORMATS.values()):
-    _MIME_EXTS.setdefault(_format.mime, _format.ext)
 _FORMATS_BY_EXT = {**{f.ext: f for f in IMAGE_FORMATS}, **NAMED_FORMATS}
 
 
@@ -142,26 +144,31 @@ def extension(name):
     return ext.lower() if dot and stem else ""
 
 
+def extensions(kind):
+    return ", ".join(sorted(ext for ext, f in NAMED_FORMATS.items() if f.kind == kind))
+
+
 def supported_types():
-    return "PNG, JPEG, WEBP or GIF images; " + ", ".join(sorted(e for e, f in NAMED_FORMATS.items()
-                                                               if f.kind == DOCUMENT)) + " documents; " \
-        + ", ".join(sorted(e for e, f in NAMED_FORMATS.items() if f.kind == AUDIO)) + " audio"
+    return f"PNG, JPEG, WEBP or GIF images; {extensions(DOCUMENT)} documents; {extensions(AUDIO)} audio"
 
 
 # --- base64 and data URLs ---------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class DataURL:
+    """Base64 data: `text[start:]`, kept in place so that it is measured before anything is copied."""
+
     mime: str
     name: str
-    payload: str
+    text: str
+    start: int = 0
 
 
 def parse_data_url(url):
-    """`data:[<mime>][;name=...][;...];base64,<payload>`; ValueError says what is wrong with it."""
-    comma = url.find(",")
+    """`data:[<mime>][;name=...][;...];base64,<data>`; ValueError says what is wrong with it."""
+    comma = url.find(",", 0, 1024)
     if comma < 0:
-        raise ValueError("it has no ',' between its header and its data")
+        raise ValueError("it has no ',' ending its header within 1024 characters")
     params = url[5:comma].split(";")
     if params[-1].strip().lower() != "base64":
         raise ValueError("only base64 data URLs are supported (data:<type>;base64,<data>)")
@@ -170,29 +177,51 @@ def parse_data_url(url):
         key, _, value = param.partition("=")
         if key.strip().lower() in ("name", "filename"):
             name = unquote(value.strip())
-    return DataURL(params[0].strip().lower(), name, url[comma + 1:])
+    return DataURL(params[0].strip().lower(), name, url, comma + 1)
 
 
-def decoded_size(payload):
+def decoded_size(text, start=0):
     """The exact size of strictly valid base64 once decoded, known without decoding it."""
-    return len(payload) // 4 * 3 - (payload.endswith("=") + payload.endswith("=="))
+    length = len(text) - start
+    return max(0, length // 4 * 3 - (length > 0 and text.endswith("=")) - (length > 1 and text.endswith("==")))
 
 
-def decode_base64(payload):
-    """Strict base64: the standard alphabet, correctly padded, nothing else (no spaces, no URL-safe letters)."""
-    if len(payload) % 4:
+_DECODE_CHUNK = 1 << 18  # base64 characters decoded at a time; a multiple of 4
+
+
+def decode_base64(text, start=0):
+    """Strict base64 (the standard alphabet, correctly padded, no spaces, no URL-safe letters), decoded
+    piece by piece into a buffer of the exact size, so nothing but the result is held in memory."""
+    if (len(text) - start) % 4:
         raise ValueError("its length is not a multiple of 4 (cut short, or missing its '=' padding)")
+    data = bytearray(decoded_size(text, start))
+    written = 0
     try:
-        return binascii.a2b_base64(payload, strict_mode=True)
+        for begin in range(start, len(text), _DECODE_CHUNK):
+            end = min(begin + _DECODE_CHUNK, len(text))
+            if end < len(text) and text[end - 1] == "=":
+                raise ValueError("excess data after padding")
+            piece = binascii.a2b_base64(text[begin:end], strict_mode=True)
+            data[written:written + len(piece)] = piece
+            written += len(piece)
     except ValueError as error:
-        raise ValueError(str(error).rstrip(".").lower() if isinstance(error, binascii.Error)
-                         else "it contains characters that are not base64")
+        reason = str(error).lower()
+        raise ValueError(next((why for said, why in _BASE64_REASONS if said in reason), _BASE64_REASONS[0][1]))
+    return data
 
 
-def _sniff_head(payload):
-    """The image format of a base64 payload, from its first bytes only (for placeholders)."""
+_BASE64_REASONS = (
+    ("only base64", "it contains characters that are not standard base64 (spaces, line breaks, URL-safe '-' "
+                    "or '_', or non-ASCII)"),
+    ("excess data", "it has data after its '=' padding"),
+    ("padding", "its '=' padding is wrong"),
+)
+
+
+def _sniff_head(text, start=0):
+    """The image format of base64 data, from its first bytes only (for placeholders and early checks)."""
     try:
-        return sniff_image(binascii.a2b_base64(payload[:16]))
+        return sniff_image(binascii.a2b_base64(text[start:start + 16]))
     except ValueError:
         return None
 
@@ -210,7 +239,7 @@ def placeholder(part):
     if kind == "input_audio":
         audio = part.get("input_audio")
         fmt = audio.get("format") if isinstance(audio, dict) else None
-        return f"[audio: {fmt}]" if isinstance(fmt, str) and fmt else "[audio]"
+        return f"[audio: {safe_filename(fmt)[:16]}]" if isinstance(fmt, str) and safe_filename(fmt) else "[audio]"
     if kind == "file":
         file = part.get("file")
         name = file.get("filename") if isinstance(file, dict) else None
@@ -223,14 +252,23 @@ def _image_name(url):
     """A data URL's own name, else the image type its first bytes show; a URL's last path segment."""
     if url[:5].lower() == "data:":
         try:
-            data_url = parse_data_url(url[:512])
+            data_url = parse_data_url(url)
         except ValueError:
             return ""
         if data_url.name:
             return safe_filename(data_url.name)
-        found = _sniff_head(data_url.payload)
+        found = _sniff_head(data_url.text, data_url.start)
         return found.ext if found else ""
-    return safe_filename(unquote(urlsplit(url).path.rsplit("/", 1)[-1]))
+    parts = _split(url)
+    return safe_filename(unquote(parts.path.rsplit("/", 1)[-1])) if parts else ""
+
+
+def _split(url):
+    """urlsplit, or None for a URL it cannot take apart (such as a broken IPv6 host)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
 
 
 def safe_filename(name):
@@ -354,10 +392,11 @@ def _refuse(status, code, where, message):
     return APIError(status, message, code=code, param=where)
 
 
-def _described(kind, name, where):
+def _described(kind, name, where, first=False):
     """How an error names a file: `the image 'cat.png' (messages[1].content[0])`."""
     noun = {IMAGE: "image", AUDIO: "audio"}.get(kind, "file")
-    return f"the {noun} '{name}' ({where})" if name else f"the {noun} in {where}"
+    text = f"the {noun} '{name}' ({where})" if name else f"the {noun} in {where}"
+    return "T" + text[1:] if first else text
 
 
 class Policy:
@@ -404,7 +443,7 @@ class Policy:
         limit, source = self.max_bytes(kind)
         if size > limit:
             raise _refuse(413, "file_too_large", where,
-                          f"{_described(kind, name, where).capitalize()} is {_mb(size)}, over {source} of "
+                          f"{_described(kind, name, where, first=True)} is {_mb(size)}, over {source} of "
                           f"{_mb(limit)}. Send a smaller or compressed file.")
 
     def dify_type(self, kind, ext, method, name, where):
@@ -435,6 +474,9 @@ class Policy:
 
     # reading parts
 
+    def read_all(self, parts):
+        return [self.read(where, part) for where, part in parts]
+
     def read(self, where, part):
         kind = part.get("type")
         if kind == "image_url":
@@ -451,11 +493,11 @@ class Policy:
         url = url.strip()
         if url[:5].lower() == "data:":
             return self._read_image_data(where, url)
-        parts = urlsplit(url)
-        if parts.scheme.lower() not in ("http", "https"):
-            shown = parts.scheme or url[:20]
+        parts = _split(url[:_MAX_URL_LENGTH + 1])
+        if parts is None or parts.scheme.lower() not in ("http", "https"):
+            shown = f"a {parts.scheme}: URL" if parts and parts.scheme else f"'{url[:40]}'"
             raise _refuse(400, "invalid_image_url", where,
-                          f"The image URL in {where} uses '{shown}:', which is not supported: send an http(s) URL "
+                          f"The image URL in {where} is {shown}, which is not supported: send an http(s) URL "
                           "(Dify fetches it) or the image itself as a base64 data: URL.")
         if not parts.hostname or len(url) > _MAX_URL_LENGTH or re.search(r"[\s\x00-\x1f\x7f]", url):
             raise _refuse(400, "invalid_image_url", where,
@@ -473,12 +515,12 @@ class Policy:
                           "files as a 'file' part.")
         name = safe_filename(data_url.name)
         self.dify_type(IMAGE, extension(name), LOCAL, name, where)
-        data = self._decode(where, data_url.payload, IMAGE, name)
+        data = self._decode(where, data_url, IMAGE, name)
         found = sniff_image(data)
         if found is None:
             said = f" (its data URL says {data_url.mime})" if data_url.mime else ""
             raise _refuse(400, "file_type_mismatch", where,
-                          f"{_described(IMAGE, name, where).capitalize()} is not a PNG, JPEG, WEBP or GIF image"
+                          f"{_described(IMAGE, name, where, first=True)} is not a PNG, JPEG, WEBP or GIF image"
                           f"{said}: its bytes are something else. Convert it to one of these formats.")
         digest = hashlib.sha256(data).hexdigest()
         name = _with_ext(name, found.ext) if name else f"image-{digest[:12]}.{found.ext}"
@@ -509,26 +551,27 @@ class Policy:
         ext = extension(name) or _MIME_EXTS.get(data_url.mime, "")
         if not ext:
             raise _refuse(400, "invalid_file", where,
-                          f"{_described(DOCUMENT, name, where).capitalize()} has no type: give it a filename with "
+                          f"{_described(DOCUMENT, name, where, first=True)} has no type: give it a filename with "
                           "an extension (file.filename, e.g. report.pdf).")
         declared = format_for(ext)
         if declared is None and self._custom(ext):
             return self._read_custom(where, data_url, name, ext)
         if declared is None:
-            declared = _sniff_head(data_url.payload)
+            declared = _sniff_head(data_url.text, data_url.start)
             if declared is None:
                 raise _refuse(400, "unsupported_file_type", where,
-                              f"{_described(DOCUMENT, name, where).capitalize()} is a .{ext} file, which this "
+                              f"{_described(DOCUMENT, name, where, first=True)} is a .{ext} file, which this "
                               f"server cannot send to Dify; it accepts {supported_types()}.")
         kind = declared.kind
         self.dify_type(kind, ext, LOCAL, name, where)
-        data = self._decode(where, data_url.payload, kind, name)
+        data = self._decode(where, data_url, kind, name)
         actual = sniff_image(data) if kind == IMAGE else declared if matches(declared, data) else None
         if actual is None:
             image = sniff_image(data)
-            what = f"a {image.label}" if image else "something else"
+            what = f"a {image.label}" if image else "not UTF-8 text" if declared.signature == "text" \
+                else "something else"
             raise _refuse(400, "file_type_mismatch", where,
-                          f"{_described(kind, name, where).capitalize()} is named as a {declared.label} (.{ext}) "
+                          f"{_described(kind, name, where, first=True)} is named as a {declared.label} (.{ext}) "
                           f"but its bytes are {what}. Send the file with its real name and type.")
         digest = hashlib.sha256(data).hexdigest()
         name = _with_ext(name, actual.ext) if name else f"{kind}-{digest[:12]}.{actual.ext}"
@@ -542,7 +585,7 @@ class Policy:
     def _read_custom(self, where, data_url, name, ext):
         """A file of a type the proxy does not know but the app lists by extension: sent as it is."""
         self.dify_type(CUSTOM, ext, LOCAL, name, where)
-        data = self._decode(where, data_url.payload, DOCUMENT, name)
+        data = self._decode(where, data_url, DOCUMENT, name)
         digest = hashlib.sha256(data).hexdigest()
         name = name or f"file-{digest[:12]}.{ext}"
         return Attachment(where, CUSTOM, name, data_url.mime or "application/octet-stream", data,
@@ -556,13 +599,13 @@ class Policy:
         declared = NAMED_FORMATS.get(fmt)
         if declared is None or declared.kind != AUDIO:
             raise _refuse(400, "unsupported_file_type", where,
-                          f"{where}.input_audio.format is {fmt or 'missing'}; it must be one of "
-                          f"{', '.join(e for e, f in NAMED_FORMATS.items() if f.kind == AUDIO)}.")
-        payload = audio["data"]
-        if payload[:5].lower() == "data:":
-            payload = self._data_url(where, payload, AUDIO).payload
+                          f"{where}.input_audio.format is {fmt[:20] or 'missing'}; it must be one of "
+                          f"{extensions(AUDIO)}.")
+        data_url = DataURL("", "", audio["data"])
+        if data_url.text[:5].lower() == "data:":
+            data_url = self._data_url(where, data_url.text, AUDIO)
         self.dify_type(AUDIO, declared.ext, LOCAL, "", where)
-        data = self._decode(where, payload, AUDIO, "")
+        data = self._decode(where, data_url, AUDIO, "")
         if not matches(declared, data):
             raise _refuse(400, "file_type_mismatch", where,
                           f"The audio in {where} says it is {declared.label} but its bytes are not. Set "
@@ -579,16 +622,16 @@ class Policy:
             raise _refuse(400, "invalid_data_url", where,
                           f"The data URL of {_described(kind, '', where)} is malformed: {error}.")
 
-    def _decode(self, where, payload, kind, name):
+    def _decode(self, where, data_url, kind, name):
         """The decoded bytes, after checking the size their base64 announces against the limit."""
-        self.check_size(kind, decoded_size(payload), name, where)
+        self.check_size(kind, decoded_size(data_url.text, data_url.start), name, where)
         try:
-            data = decode_base64(payload)
+            data = decode_base64(data_url.text, data_url.start)
         except ValueError as error:
             raise _refuse(400, "invalid_base64", where,
-                          f"{_described(kind, name, where).capitalize()} is not valid base64: {error}.")
+                          f"{_described(kind, name, where, first=True)} is not valid base64: {error}.")
         if not data:
-            raise _refuse(400, "empty_file", where, f"{_described(kind, name, where).capitalize()} is empty.")
+            raise _refuse(400, "empty_file", where, f"{_described(kind, name, where, first=True)} is empty.")
         return data
 
 
@@ -652,7 +695,8 @@ class Uploads:
             return []
         policy = Policy(self.limits, app)
         policy.check_count(parts)
-        attachments = [policy.read(where, part) for where, part in parts]
+        # Decoding and hashing megabytes takes tens of milliseconds: off the event loop, other streams flow.
+        attachments = await IOLoop.current().run_in_executor(None, policy.read_all, parts)
         local = [a for a in attachments if not a.url]
         results = await asyncio.gather(*(self._upload_id(app, user, model, a) for a in local),
                                        return_exceptions=True)

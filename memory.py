@@ -36,8 +36,8 @@ import hashlib
 import json
 import uuid
 from dataclasses import dataclass
-from urllib.parse import urlsplit
 
+import files
 import marks
 import tools
 from errors import bad_request
@@ -54,19 +54,8 @@ def part_text(part):
         return str(part.get("text") or "")
     if kind == "refusal":
         return str(part.get("refusal") or "")
-    if kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url", "") if isinstance(image, dict) else str(image or "")
-        name = "" if url.startswith("data:") else urlsplit(url).path.rsplit("/", 1)[-1]
-        return f"[image: {name}]" if name else "[image]"
-    if kind == "input_audio":
-        audio = part.get("input_audio")
-        fmt = audio.get("format") if isinstance(audio, dict) else None
-        return f"[audio: {fmt}]" if fmt else "[audio]"
-    if kind == "file":
-        file = part.get("file")
-        name = file.get("filename") if isinstance(file, dict) else None
-        return f"[file: {name}]" if name else "[file]"
+    if kind in files.ATTACHMENT_PARTS:
+        return files.placeholder(part)
     return f"[{kind}]" if kind else ""
 
 

@@ -188,6 +188,11 @@ class ChunkEncoder:
         rest = {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}
         return self.delta(json.dumps(first, ensure_ascii=False)) + self.delta(json.dumps(rest, ensure_ascii=False))
 
+    def function_call(self, name, arguments):
+        """A legacy `functions` call: name first, then the arguments."""
+        return (self.delta('{"function_call":{"name":' + json_string(name) + ',"arguments":""}}')
+                + self.delta('{"function_call":{"arguments":' + json_string(arguments) + "}}"))
+
     def finish(self, reason):
         return (self._open + '{},"logprobs":null,"finish_reason":' + json_string(reason) + "}]}\n\n").encode()
 
@@ -220,6 +225,9 @@ class TextChunkEncoder(ChunkEncoder):
         return b""
 
     def tool_call(self, index, call_id, name, arguments):
+        return b""
+
+    def function_call(self, name, arguments):
         return b""
 
     def finish(self, reason):

@@ -361,7 +361,10 @@ class EventStreamResponse:
                 out.append(encoder.content("\n\n" + value if self.sent_text else value))
                 self.sent_text = True
             elif kind is TOOL_CALL:
-                out.append(encoder.tool_call(value["index"], value["id"], value["name"], value["arguments"]))
+                if value.get("legacy"):
+                    out.append(encoder.function_call(value["name"], value["arguments"]))
+                else:
+                    out.append(encoder.tool_call(value["index"], value["id"], value["name"], value["arguments"]))
             elif kind is MARK:
                 out.append(encoder.content(value))
         return b"".join(out)

@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 
 import json
+import time
 
 CLIENT_KEY = "sk-test-key-one"
 OTHER_CLIENT_KEY = "sk-test-key-two"
@@ -19,3 +20,13 @@ def sse_events(body):
 
 def sse_comments(body):
     return [line for line in body.decode().split("\n") if line.startswith(":")]
+
+
+def wait_for(condition, timeout=3.0):
+    """Polls a condition recorded on the server's thread (the fake Dify, the logs) until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.01)
+    return condition()

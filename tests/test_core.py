@@ -9,20 +9,10 @@ import openai
 import pytest
 
 from fake_dify import Drop, End, ErrorEvent, Event, FakeApp, Hang, HttpError, Raw, Sleep, Text
-from support import CLIENT_KEY, OTHER_CLIENT_KEY, sse_comments, sse_events
+from support import CLIENT_KEY, OTHER_CLIENT_KEY, sse_comments, sse_events, wait_for
 
 CHAT = "Chat Bot"
 ALL_MODELS = ["Chat Bot", "Agent Bot", "Flow Bot"]
-
-
-def wait_for(condition, timeout=3.0):
-    """Polls a condition recorded by the fake (which runs on another thread) until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 # --- models and auth -----------------------------------------------------------------------
@@ -383,6 +373,8 @@ def test_failed_info_keeps_the_last_entry_and_renames_are_found(harness):
 def test_access_log_has_one_line_per_request_without_secrets(harness, caplog):
     with caplog.at_level(logging.INFO, logger="opendify"):
         harness.client().chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "secret prompt"}])
+        # Tornado logs after the response is sent, so the client may read it first.
+        assert wait_for(lambda: any(r.name == "opendify.access" for r in caplog.records))
     lines = [r.getMessage() for r in caplog.records if r.name == "opendify.access"]
     assert len(lines) == 1
     assert "POST /v1/chat/completions 200" in lines[0] and "model='Chat Bot'" in lines[0] and "tokens=" in lines[0]

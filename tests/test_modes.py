@@ -291,6 +291,18 @@ def test_failed_workflow_is_an_openai_error_with_difys_message(modes, stream):
     assert "Division by zero in Code node" in caught.value.message and PIPELINE in caught.value.message
 
 
+def test_workflow_without_a_text_variable_runs_on_its_inputs(make_harness):
+    parameters = {**default_parameters("workflow"), "user_input_form": [
+        {"number": {"label": "Days", "variable": "days", "required": True}}]}
+    harness = make_harness(apps=[FakeApp(key="app-report0000000000000000000", name="Report", mode="workflow",
+                                         parameters=parameters)])
+    harness.dify.script(harness.key_of("Report"), Start(), End(outputs={"report": "3 days: all quiet"}))
+    answer = harness.client().chat.completions.create(model="Report", messages=[{"role": "user", "content": "go"}],
+                                                      extra_body={"inputs": {"days": 3}})
+    assert answer.choices[0].message.content == "3 days: all quiet"
+    assert sent_to(harness, "/workflows/run")[-1]["inputs"] == {"days": 3}
+
+
 def test_workflow_progress(make_harness):
     harness = make_harness(apps=all_modes(), env={"WORKFLOW_PROGRESS": "reasoning"})
     harness.dify.script(harness.key_of(PIPELINE), Start(), node_started("Code", "code"),

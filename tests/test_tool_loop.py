@@ -191,3 +191,20 @@ def test_dify_agent_tools_never_become_client_tool_calls(harness):
                                                       tools=[WEATHER])
     assert answer.choices[0].message.tool_calls is None and answer.choices[0].finish_reason == "stop"
     assert answer.choices[0].message.content == "Found it."
+
+
+def test_legacy_functions_get_a_function_call(harness):
+    functions = [WEATHER["function"]]
+    script(harness, CALL)
+    answer = harness.client().chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x"}],
+                                                      functions=functions)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "function_call" and choice.message.tool_calls is None
+    assert choice.message.function_call.name == "get_weather"
+    assert json.loads(choice.message.function_call.arguments) == {"city": "Paris", "days": 2}
+    script(harness, CALL)
+    chunks = list(harness.client().chat.completions.create(
+        model=CHAT, messages=[{"role": "user", "content": "x"}], functions=functions, stream=True))
+    calls = [c.choices[0].delta.function_call for c in chunks if c.choices and c.choices[0].delta.function_call]
+    assert calls[0].name == "get_weather" and json.loads("".join(c.arguments for c in calls))["city"] == "Paris"
+    assert chunks[-1].choices[0].finish_reason == "function_call"
