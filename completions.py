@@ -106,6 +106,8 @@ class Completion:
         self._stream = None
         self._cancelled = False
         self._pending_error = None
+        self._retried = False
+        self._files = []
 
     def query(self):
         """The text Dify is asked: in mode 1 the whole transcript folded into it; in mode 2 (or with an
@@ -170,13 +172,28 @@ class Completion:
         path, body = self.dify_request(query, files)
         self._stream = self.dify.stream(self.app.key, path, body)
 
-    def _restart_fresh(self):
-        """Dify no longer has the marked conversation: start a new one from the whole visible chat."""
-        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
-                 "history", self.request.model)
-        self.plan = memory.Plan("", self.plan.fresh_query, self.plan.fresh_query)
+    def _reopen(self):
         path, body = self.dify_request(self._with_tools(self.plan.query), self._files)
         self._stream = self.dify.stream(self.app.key, path, body)
+
+    async def _retry(self, error):
+        """Whether a refusal before any event can be mended once: a marked conversation Dify no longer
+        has starts afresh from the whole visible chat; a cached upload Dify no longer has is re-sent."""
+        if self._retried:
+            return False
+        if error.status == 404 and self.plan.conversation_id and not self.plan.explicit:
+            log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                     "history", self.request.model)
+            self.plan = memory.Plan("", self.plan.fresh_query, self.plan.fresh_query)
+        elif error.status == 400 and self._files and "upload file" in error.message.lower() and self.uploads:
+            log.info("model %r: Dify no longer has a cached upload; uploading the files again", self.request.model)
+            self.uploads.cache.forget(self.app.key, self.user)
+            self._files = await self.attachments()
+        else:
+            return False
+        self._retried = True
+        self._reopen()
+        return True
 
     async def next_pieces(self):
         """The pieces from Dify's next batch of events (possibly none); None once the answer is complete."""
@@ -188,8 +205,7 @@ class Completion:
         try:
             events = await self._stream.next_events()
         except DifyError as error:
-            if error.status == 404 and self.plan.conversation_id and not self.plan.explicit:
-                self._restart_fresh()
+            if await self._retry(error):
                 return await self.next_pieces()
             raise self._dify_error(error)
         except StreamFailure as failure:

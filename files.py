@@ -669,6 +669,11 @@ class UploadCache:
         while len(self._entries) > self.size:
             self._entries.popitem(last=False)
 
+    def forget(self, app_key, user):
+        """Drops an app and user's entries: Dify lost one of their files, so none is trusted."""
+        for key in [k for k in self._entries if k[0] == app_key and k[1] == user]:
+            del self._entries[key]
+
     def __len__(self):
         return len(self._entries)
 

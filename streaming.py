@@ -29,7 +29,8 @@ from openai_api import ChunkEncoder
 log = logging.getLogger("opendify.streaming")
 
 PACED = (CONTENT, REASONING)  # text that may be split and spread; other pieces go out whole, in order
-SMALL_PIECE = 8  # characters: about a word, which reads fine appearing at once
+SMALL_PIECE = 16  # characters: a word or two, which read fine appearing at once
+OPENING_RATE = 200.0  # chars/s a first burst is spread at, before the upstream's rhythm is known
 SMOOTH_SPREAD = 0.05  # s: spreading over less than this is invisible (20 updates a second)
 GAP_MARGIN = 1.5  # spread bursts past the expected gap, so a late burst does not leave a hole
 GAP_HISTORY = 5  # gaps the expected gap is the median of: one tool-call pause does not reset it
@@ -81,22 +82,26 @@ class Pacer:
             self._gaps.append(now - self._last_arrival)
         self._last_arrival = now
         self.pending += chars
-        # The first text of an answer is never delayed, nor is a word into an idle stream.
-        if first or (idle and chars <= SMALL_PIECE):
+        if idle and chars <= SMALL_PIECE:
             return self.flush()
-        spread = self.spread()
+        spread = self.spread(chars)
         if spread <= SMOOTH_SPREAD:
             return self.flush()
         self._rate = self.pending / spread
         if idle:
-            # A burst's first characters go out on arrival: pacing never delays the start.
+            # A burst's first characters go out on arrival: pacing never delays the start of an
+            # answer (its time to first token), nor of any burst.
             self._credit = max(1.0, self._rate * self.frame)
         return self.take(now)
 
-    def spread(self):
-        """Seconds over which the text pending now should be released: the expected gap to the next burst."""
-        gaps = sorted(self._gaps)
-        expected = GAP_MARGIN * gaps[len(gaps) // 2]
+    def spread(self, chars):
+        """Seconds over which the text pending now should be released: the expected gap to the next
+        burst (before any gap is known, the time a fast model would take to write `chars`)."""
+        if self._gaps:
+            gaps = sorted(self._gaps)
+            expected = GAP_MARGIN * gaps[len(gaps) // 2]
+        else:
+            expected = chars / OPENING_RATE
         # Two frames below the bound, so that the lag bound rarely has to force a release.
         return min(expected, self.max_lag - 2 * self.frame)
 

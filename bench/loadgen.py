@@ -132,7 +132,7 @@ class SSE:
             if stamps:
                 if self.first is None:
                     self.first = arrived
-                self.lags += [arrived - float(stamp) for stamp in stamps]
+                self.lags += [(arrived - float(stamp)) % 1000 for stamp in stamps]
             self.events += data.count(b"\n\n")
             return
         blocks = (self._tail + data).split(b"\n\n")

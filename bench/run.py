@@ -337,22 +337,27 @@ async def figure_smoothing(fake_port, proxies, patterns):
     """4. Smoothing quality on steady, bursty and fast upstreams."""
     out = {}
     series = {}
+    targets = [("direct", fake_port, "dify")] + [(n, p.port, "openai") for n, p in proxies.items()]
+
+    async def one(pattern, extra, name, port, kind):
+        tag = f"{pattern}-{name}-{time.monotonic_ns()}"
+        connection = await Connection.open(port)
+        status, answer, sent = await run_one(connection, kind, f"bench pattern={pattern} seed=7 {extra} tag={tag}")
+        connection.close()
+        emits = await fake_emits(fake_port, tag)
+        out[pattern][name] = quality(sent, answer, emits)
+        if pattern == "bursty":
+            series[name] = {"sent": sent, "client": answer.char_times(), "upstream": emits}
     for pattern, extra in patterns.items():
         out[pattern] = {}
-        for name, port, kind in [("direct", fake_port, "dify")] + [(n, p.port, "openai") for n, p in proxies.items()]:
-            tag = f"{pattern}-{name}-{time.monotonic_ns()}"
-            connection = await Connection.open(port)
-            status, answer, sent = await run_one(connection, kind, f"bench pattern={pattern} seed=7 {extra} tag={tag}")
-            connection.close()
-            emits = await fake_emits(fake_port, tag)
-            out[pattern][name] = quality(sent, answer, emits)
-            if pattern == "bursty":
-                series[name] = {"sent": sent, "client": answer.char_times(), "upstream": emits}
+        # The same answer to each target at once: the load is light, and the run three times shorter.
+        await asyncio.gather(*(one(pattern, extra, *target) for target in targets))
+        out[pattern] = {name: out[pattern][name] for name, _, _ in targets}
     return out, series
 
 
 async def figure_reuse(stats_port, https_port, proxy, cert, requests):
-    """5. New connections and TLS handshakes per 100 requests to an HTTPS upstream."""
+    """5. New connections (each a TLS handshake) per 100 requests to an HTTPS upstream."""
     out = {"requests": requests}
     before = await fake_stats(stats_port)
     connection = await Connection.open(proxy.port)
@@ -361,8 +366,7 @@ async def figure_reuse(stats_port, https_port, proxy, cert, requests):
                       stream=index % 2 == 0)
     connection.close()
     after = await fake_stats(stats_port)
-    out["proxy"] = {"connections": after["connections"] - before["connections"],
-                    "handshakes": after["handshakes"] - before["handshakes"]}
+    out["proxy"] = {"tls_connections": after["tls_connections"] - before["tls_connections"]}
     context = ssl.create_default_context(cafile=str(cert))
     before = after
     connection = await Connection.open(https_port, context)
@@ -370,8 +374,7 @@ async def figure_reuse(stats_port, https_port, proxy, cert, requests):
         await run_one(connection, "dify", f"bench pattern=steady rate=1000 tokens=3 seed={index}")
     connection.close()
     after = await fake_stats(stats_port)
-    out["direct_keepalive"] = {"connections": after["connections"] - before["connections"],
-                               "handshakes": after["handshakes"] - before["handshakes"]}
+    out["direct_keepalive"] = {"tls_connections": after["tls_connections"] - before["tls_connections"]}
     out["tornado_simple_client"] = await simple_client_reference(stats_port, https_port, cert, requests)
     return out
 
@@ -386,8 +389,7 @@ async def simple_client_reference(stats_port, https_port, cert, requests):
                                        headers={"Authorization": f"Bearer {DIFY_KEY}"}), raise_error=False)
     client.close()
     after = await fake_stats(stats_port)
-    return {"connections": after["connections"] - before["connections"],
-            "handshakes": after["handshakes"] - before["handshakes"]}
+    return {"tls_connections": after["tls_connections"] - before["tls_connections"]}
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -416,8 +418,8 @@ def verdicts(results):
          bursty["lag_max_ms"] <= results["max_lag_ms"]),
         ("fast upstream duration ratio", fast["duration_ratio"], f"<= {TARGETS['fast_duration_ratio']}",
          fast["duration_ratio"] <= TARGETS["fast_duration_ratio"]),
-        (f"HTTPS: new connections per {results['reuse']['requests']} requests", reuse["connections"],
-         "reused", reuse["connections"] <= 2),
+        (f"HTTPS: new TLS connections per {results['reuse']['requests']} requests", reuse["tls_connections"],
+         "reused", reuse["tls_connections"] <= 2),
     ]
 
 
@@ -453,11 +455,9 @@ def print_table(results):
             lines.append(f"   {pattern:<7} {name:<22} {row['window_cv']:>6}  {row['lag_p50_ms']:>6}/{row['lag_p99_ms']}"
                          f"/{row['lag_max_ms']:<10} {row['duration_ratio']}   lost {row['lost']}")
     reuse = results["reuse"]
-    lines.append(f"5. HTTPS upstream, per {reuse['requests']} requests: connections/handshakes  proxy "
-                 f"{reuse['proxy']['connections']}/{reuse['proxy']['handshakes']}, direct keep-alive "
-                 f"{reuse['direct_keepalive']['connections']}/{reuse['direct_keepalive']['handshakes']}, "
-                 f"Tornado simple client {reuse['tornado_simple_client']['connections']}/"
-                 f"{reuse['tornado_simple_client']['handshakes']}")
+    lines.append(f"5. HTTPS upstream, new TLS connections (= handshakes) per {reuse['requests']} requests: proxy "
+                 f"{reuse['proxy']['tls_connections']}, direct keep-alive {reuse['direct_keepalive']['tls_connections']}"
+                 f", Tornado's simple client (the proxy before) {reuse['tornado_simple_client']['tls_connections']}")
     lines.append("targets:")
     for label, value, target, met in verdicts(results):
         lines.append(f"   {'met   ' if met else 'MISSED'} {label}: {value} (target {target})")
@@ -469,7 +469,7 @@ def draw(results, series, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     figure, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
-    sent = series["direct"]["sent"]
+    sent = series["smoothing_on"]["sent"]
     upstream_times, upstream_total = [], []
     total = 0
     for emitted, count in series["smoothing_on"]["upstream"]:
@@ -531,19 +531,19 @@ async def bench(quick):
         results["ttft"] = await figure_ttft({"direct": (http_port, "dify"),
                                              "smoothing_off": (proxies["smoothing_off"].port, "openai"),
                                              "smoothing_on": (proxies["smoothing_on"].port, "openai")},
-                                            40 if quick else 300)
+                                            30 if quick else 300)
         done("ttft"); print("2. CPU per chunk and per request ...", flush=True)
-        results["cpu"] = await figure_cpu(fake, http_port, proxies, 20 if quick else 50, 300 if quick else 800,
-                                          200 if quick else 1000)
+        results["cpu"] = await figure_cpu(fake, http_port, proxies, 20 if quick else 50, 200 if quick else 800,
+                                          100 if quick else 1000)
         done("cpu"); print("3. concurrency ...", flush=True)
         results["concurrency"] = await figure_concurrency(
             http_port, proxies if not quick else {"smoothing_off": proxies["smoothing_off"]},
-            [100, 300] if quick else [100, 200, 400, 600, 800, 1000], 3 if quick else 5)
-        results["memory"] = await figure_memory(proxies["smoothing_on"], http_port, 1000, 3 if quick else 6)
+            [200] if quick else [100, 200, 300, 400, 600, 800, 1000], 2 if quick else 5)
+        results["memory"] = await figure_memory(proxies["smoothing_on"], http_port, 1000, 2 if quick else 6)
         done("concurrency and memory"); print("4. smoothing ...", flush=True)
-        patterns = {"steady": "rate=30 size=3 size_max=6 tokens=" + ("60" if quick else "150"),
-                    "bursty": "tokens=" + ("10" if quick else "30"),
-                    "fast": "tokens=" + ("300" if quick else "1000")}
+        patterns = {"steady": "rate=30 size=3 size_max=6 tokens=" + ("60" if quick else "300"),
+                    "bursty": "tokens=" + ("10" if quick else "40"),
+                    "fast": "tokens=" + ("300" if quick else "2000")}
         results["smoothing"], series = await figure_smoothing(http_port, proxies, patterns)
         done("smoothing"); print("5. connection reuse ...", flush=True)
         results["reuse"] = await figure_reuse(http_port, https_port, secure, cert, 100)

@@ -638,3 +638,16 @@ def test_attachment_settings():
     for name, bad in (("MAX_IMAGE_MB", "0"), ("MAX_FILE_MB", "lots"), ("MAX_FILES", "-1"), ("UPLOAD_CACHE_TTL", "0")):
         with pytest.raises(ConfigError, match=name):
             settings_from({**base, name: bad})
+
+
+def test_an_upload_dify_lost_is_sent_again_once(harness):
+    message = user(image(data_url(png())))
+    chat(harness, message)
+    assert len(harness.dify.uploads) == 1
+    harness.dify.uploads.clear()
+    answer = chat(harness, message)
+    assert answer.startswith("Echo: ")
+    assert len(harness.dify.uploads) == 1, "uploaded again after Dify refused the cached id"
+    bodies = harness.chat_bodies()
+    assert bodies[-1]["files"][0]["upload_file_id"] in harness.dify.uploads
+    assert bodies[-2]["files"][0]["upload_file_id"] not in harness.dify.uploads
