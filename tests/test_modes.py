@@ -120,10 +120,11 @@ def test_agent_work_shown_as_reasoning_deltas_while_the_tool_runs(modes):
     status, _, body = modes.raw("POST", "/v1/chat/completions",
                                 {"model": AGENT, "stream": True, "messages": [{"role": "user", "content": "x"}]})
     deltas = [e["choices"][0]["delta"] for e in sse_events(body) if e != "[DONE]" and e["choices"]]
-    order = [next(iter(d)) for d in deltas if d.get("content") or d.get("reasoning_content")]
+    kinds = [next(iter(d)) for d in deltas if d.get("content") or d.get("reasoning_content")]
+    # Pacing may split or merge chunks; what matters is the order: answer, the tool's work, answer.
+    order = [kind for index, kind in enumerate(kinds) if index == 0 or kinds[index - 1] != kind]
     assert status == 200
-    assert order == ["content", "content", "reasoning_content", "reasoning_content", "content", "content",
-                     "content"]
+    assert order == ["content", "reasoning_content", "content"]
 
 
 @pytest.mark.parametrize("stream", [False, True])
