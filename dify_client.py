@@ -163,8 +163,10 @@ class Connection(asyncio.Protocol):
             elif self._framing == "sized":
                 body, buffer = buffer[:self._chunk], buffer[self._chunk:]
                 self._chunk -= len(body)
-            else:
+            elif self._framing == "close":
                 body, buffer = buffer, b""
+            else:
+                body = b""
             if self._framing == "trailer":
                 buffer = self._trailer(buffer)
         except HTTPInputError as error:

@@ -522,10 +522,7 @@ class Policy:
             raise _refuse(400, "file_type_mismatch", where,
                           f"{_described(IMAGE, name, where, first=True)} is not a PNG, JPEG, WEBP or GIF image"
                           f"{said}: its bytes are something else. Convert it to one of these formats.")
-        digest = hashlib.sha256(data).hexdigest()
-        name = _with_ext(name, found.ext) if name else f"image-{digest[:12]}.{found.ext}"
-        dify_type = self.dify_type(IMAGE, found.ext, LOCAL, name, where)
-        return Attachment(where, IMAGE, name, found.mime, data, dify_type=dify_type, digest=digest)
+        return self._checked(where, IMAGE, name, found, data)
 
     def _read_file(self, where, file):
         if not isinstance(file, dict):
@@ -573,10 +570,14 @@ class Policy:
             raise _refuse(400, "file_type_mismatch", where,
                           f"{_described(kind, name, where, first=True)} is named as a {declared.label} (.{ext}) "
                           f"but its bytes are {what}. Send the file with its real name and type.")
+        return self._checked(where, kind, name, actual, data)
+
+    def _checked(self, where, kind, name, found, data):
+        """A file whose bytes passed their checks, named and typed after what they really are."""
         digest = hashlib.sha256(data).hexdigest()
-        name = _with_ext(name, actual.ext) if name else f"{kind}-{digest[:12]}.{actual.ext}"
-        dify_type = self.dify_type(kind, actual.ext, LOCAL, name, where)
-        return Attachment(where, kind, name, actual.mime, data, dify_type=dify_type, digest=digest)
+        name = _with_ext(name, found.ext) if name else f"{kind}-{digest[:12]}.{found.ext}"
+        dify_type = self.dify_type(kind, found.ext, LOCAL, name, where)
+        return Attachment(where, kind, name, found.mime, data, dify_type=dify_type, digest=digest)
 
     def _custom(self, ext):
         """Whether the app takes files of this extension as Dify's `custom` type."""

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from config import ConfigError, settings_from
+from dify_client import Connection, Response
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from fake_dify import End, Event, Hang, Raw, Sleep, Text
 from streaming import Pacer
@@ -344,3 +345,99 @@ def test_a_stream_the_client_left_closes_its_connection_and_the_next_request_wor
     assert wait_for(lambda: harness.dify.stops and harness.dify.active_streams == 0)
     answer = harness.client().chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "next"}])
     assert answer.choices[0].message.content == "Echo: next"
+
+
+# --- the HTTP/1.1 response reader, fed in every possible split -------------------------------
+
+class Recorder(Response):
+    def __init__(self):
+        self.body = b""
+        self.closed = False
+
+    def data_received(self, chunk):
+        self.body += chunk
+
+    def on_connection_close(self):
+        super().on_connection_close()
+        self.closed = True
+
+
+class FakeTransport:
+    def __init__(self):
+        self.written = b""
+        self.aborted = False
+
+    def write(self, data):
+        self.written += data
+
+    def abort(self):
+        self.aborted = True
+
+
+def feed(raw, cuts):
+    connection = Connection()
+    connection.connection_made(FakeTransport())
+    response = Recorder()
+    done = connection.send(b"GET / HTTP/1.1\r\n\r\n", response, 1 << 20)
+    start = 0
+    for cut in list(cuts) + [len(raw)]:
+        connection.data_received(raw[start:cut])
+        start = cut
+    return connection, response, done
+
+
+EVENT = "{\"answer\": \"\u72d0\U0001f98a\"}\n\n".encode()
+CHUNKED = (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+           b"6;ext=1\r\ndata: \r\n" + b"%x\r\n" % len(EVENT) + EVENT + b"\r\n0\r\nX-Trailer: 1\r\n\r\n")
+BODY = b"data: " + EVENT
+
+
+@pytest.mark.parametrize("cut", range(1, len(CHUNKED)))
+def test_a_chunked_response_split_anywhere_reads_whole(cut):
+    connection, response, done = feed(CHUNKED, [cut])
+    assert response.status == 200 and response.body == BODY
+    assert response.complete and response.reusable and done.done() and not connection.transport.aborted
+
+
+def test_a_chunked_response_fed_byte_by_byte_reads_whole():
+    connection, response, done = feed(CHUNKED, range(1, len(CHUNKED)))
+    assert response.body == BODY and response.complete and done.done()
+
+
+@pytest.mark.parametrize("head, reusable", [
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", True),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nConnection: close\r\n\r\n", False),
+    (b"HTTP/1.0 200 OK\r\nContent-Length: 5\r\n\r\n", False),
+])
+def test_a_sized_response_and_whether_its_connection_is_reused(head, reusable):
+    _, response, done = feed(head + b"hello", [len(head) - 3, len(head) + 2])
+    assert response.body == b"hello" and response.complete and response.reusable is reusable and done.done()
+
+
+def test_a_response_cut_short_is_a_closed_connection():
+    connection, response, done = feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", [])
+    connection.connection_lost(None)
+    assert response.body == b"hel" and response.closed and not response.complete and done.done()
+
+
+def test_a_body_read_until_close_is_complete_but_not_reusable():
+    connection, response, done = feed(b"HTTP/1.1 200 OK\r\n\r\nall of it", [])
+    connection.connection_lost(None)
+    assert response.body == b"all of it" and response.complete and not response.reusable and done.done()
+
+
+def test_a_malformed_chunk_size_drops_the_connection():
+    connection, response, done = feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", [])
+    assert response.closed and connection.transport.aborted and done.done()
+
+
+def test_main_runs_on_uvloop_when_it_is_installed():
+    pytest.importorskip("uvloop")
+    import asyncio
+
+    import main
+
+    async def loop_kind():
+        return type(asyncio.get_running_loop()).__module__
+
+    assert main.run(loop_kind()).startswith("uvloop")
