@@ -137,8 +137,7 @@ class Connection(asyncio.Protocol):
         self.lost = True
         response, self._response = self._response, None
         if response is not None:
-            if self._framing == "close":
-                self._buffer = b""
+            if self._framing == "close" and exc is None:
                 response.finish()
             else:
                 response.on_connection_close()

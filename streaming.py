@@ -165,15 +165,26 @@ class FrameClock:
     Each frame asks every waiting stream's pacer what is due and writes it. A frame's work
     grows with the number of streams, so the frame lengthens to stay at most about half of
     the loop's time: under load each frame releases more at once (coarser), while the
-    pacers' lag bound keeps holding, because each is told when the next frame comes.
+    pacers' lag bound keeps holding, because each is told when the next frame comes. When
+    the loop is so busy that frames fire late, pacing steps aside altogether (text passes
+    straight through) until they are on time again: smoothing never adds work or lag to an
+    overloaded proxy.
     """
+
+    LATE_WEIGHT = 0.3  # of the newest frame in the smoothed lateness
 
     def __init__(self, frame, max_lag):
         self.frame = frame
         self.max_lag = max_lag
         self.interval = frame
+        self.late = 0.0  # how late frames fire, smoothed (seconds)
         self._streams = set()
         self._handle = None
+        self._due = 0.0
+
+    @property
+    def overloaded(self):
+        return self.late > self.frame
 
     @classmethod
     def from_settings(cls, settings):
@@ -188,14 +199,25 @@ class FrameClock:
     def add(self, stream):
         self._streams.add(stream)
         if self._handle is None:
-            self._handle = IOLoop.current().call_later(self.interval, self._tick)
+            self._schedule(self.interval)
 
     def discard(self, stream):
         self._streams.discard(stream)
 
+    def measure(self, late, busy):
+        """Updates the lateness and the next interval from one frame: `late` seconds after it was
+        due, it took `busy` seconds."""
+        self.late += self.LATE_WEIGHT * (max(0.0, late) - self.late)
+        self.interval = min(max(self.frame, 2 * busy), self.max_lag / 2)
+
+    def _schedule(self, delay):
+        self._due = time.monotonic() + delay
+        self._handle = IOLoop.current().call_later(delay, self._tick)
+
     def _tick(self):
         self._handle = None
         start = time.monotonic()
+        late = start - self._due
         interval = self.interval
         for stream in list(self._streams):
             try:
@@ -207,9 +229,10 @@ class FrameClock:
             if not keep:
                 self._streams.discard(stream)
         busy = time.monotonic() - start
-        self.interval = min(max(self.frame, 2 * busy), self.max_lag / 2)
-        if self._streams:
-            self._handle = IOLoop.current().call_later(max(0.0, self.interval - busy), self._tick)
+        self.measure(late, busy)
+        # While overloaded the clock keeps ticking, to see when frames are on time again.
+        if self._streams or self.overloaded:
+            self._schedule(max(0.0, self.interval - busy))
 
     def stop(self):
         if self._handle is not None:
@@ -314,6 +337,8 @@ class EventStreamResponse:
             self.send(self.encode(pieces))
             return
         due = self.pacer.push(pieces, time.monotonic())
+        if self.frames.overloaded and self.pacer.waiting:
+            due += self.pacer.flush()
         if due:
             self.send(self.encode(due))
         if self.pacer.waiting:
@@ -324,7 +349,7 @@ class EventStreamResponse:
         if self.closed or self.completion.cancelled:
             self._wake()
             return False
-        due = self.pacer.take(now, next_frame)
+        due = self.pacer.flush() if self.frames.overloaded else self.pacer.take(now, next_frame)
         if due:
             self.send(self.encode(due))
         if self.pacer.waiting:

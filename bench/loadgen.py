@@ -11,6 +11,7 @@ import re
 import time
 
 STAMP = re.compile(rb"@(\d+\.\d+);")
+TEXT = re.compile(rb'"(?:content|answer)":"([^"]*)"')
 
 
 class Connection(asyncio.Protocol):
@@ -125,18 +126,23 @@ class SSE:
         self.lags = []
         self.events = 0
         self._tail = b""
+        self._partial = b""
 
     def __call__(self, arrived, data):
+        blocks = (self._tail + data).split(b"\n\n")
+        self._tail = blocks.pop()
         if self.stamps_only:
-            stamps = STAMP.findall(data)
+            # Stamps may be split across deltas (the pacer splits text anywhere): join the deltas' text first.
+            text = self._partial + b"".join(TEXT.findall(b"\n".join(blocks)))
+            end = text.rfind(b";") + 1
+            self._partial = text[end:]
+            stamps = STAMP.findall(text[:end])
             if stamps:
                 if self.first is None:
                     self.first = arrived
                 self.lags += [(arrived - float(stamp)) % 1000 for stamp in stamps]
-            self.events += data.count(b"\n\n")
+            self.events += len(blocks)
             return
-        blocks = (self._tail + data).split(b"\n\n")
-        self._tail = blocks.pop()
         for block in blocks:
             if not block.startswith(b"data: {"):
                 continue
@@ -176,10 +182,10 @@ def dify_request(query):
                                           "Accept": "text/event-stream"}, json.dumps(body).encode())
 
 
-async def run_one(connection, kind, query, stamps_only=False, stream=True):
-    """One answer on an open connection: (status, SSE collector, sent at)."""
+async def run_one(connection, kind, query, stamps_only=False, stream=True, timeout=60.0):
+    """One answer on an open connection: (status, SSE collector, sent at); gives up after `timeout` s."""
     method, path, headers, body = dify_request(query) if kind == "dify" else proxy_request(query, stream)
     collector = SSE(kind, stamps_only)
     sent = time.monotonic()
-    status = await connection.request(method, path, headers, body, collector)
+    status = await asyncio.wait_for(connection.request(method, path, headers, body, collector), timeout)
     return status, collector, sent

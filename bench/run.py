@@ -87,11 +87,18 @@ def free_port():
 class Process:
     """A child process of the benchmark, with its CPU and memory read from /proc."""
 
-    def __init__(self, name, args, env=None, cwd=ROOT):
+    def __init__(self, name, args, env=None, cwd=ROOT, log_folder=None):
         self.name = name
-        self.popen = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True)
+        # Output goes to a file: a pipe nobody reads would block a chatty child once it is full.
+        self.log = (Path(log_folder or tempfile.gettempdir()) / f"opendify-bench-{name}.log").open("w+")
+        self.popen = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE if name == "fake" else self.log,
+                                      stderr=self.log, text=True)
         self.pid = self.popen.pid
+
+    def output(self):
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-2000:]
 
     def cpu(self):
         """Seconds of CPU used so far by all the process's threads (scheduler counters, in ns)."""
@@ -132,6 +139,9 @@ def start_fake(cert, key, limit):
     return fake, ports["http"], ports["https"]
 
 
+PROXY_DIR = ROOT  # where main.py is run from (--proxy-dir: another checkout, for a before/after comparison)
+
+
 def start_proxy(name, upstream, smoothing, cert=None):
     port = free_port()
     env = {key: value for key, value in os.environ.items() if not key.startswith(("DIFY_", "SMOOTH_"))}
@@ -142,7 +152,7 @@ def start_proxy(name, upstream, smoothing, cert=None):
     })
     if cert is not None:
         env["SSL_CERT_FILE"] = str(cert)
-    proxy = Process(name, [sys.executable, "main.py"], env=env)
+    proxy = Process(name, [sys.executable, "main.py"], env=env, cwd=PROXY_DIR)
     proxy.port = port
     return proxy
 
@@ -151,7 +161,7 @@ async def wait_ready(proxy, seconds=20):
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         if proxy.popen.poll() is not None:
-            raise RuntimeError(f"{proxy.name} exited: {proxy.popen.stderr.read()[-2000:]}")
+            raise RuntimeError(f"{proxy.name} exited: {proxy.output()}")
         try:
             connection = await Connection.open(proxy.port)
             status = await asyncio.wait_for(connection.request(
@@ -198,7 +208,7 @@ async def figure_ttft(targets, rounds):
     samples = {name: [] for name in targets}
     for index in range(rounds):
         for name, (_, kind) in targets.items():
-            status, answer, sent = await run_one(connections[name], kind, f"bench pattern=steady tokens=3 seed={index}")
+            status, answer, sent = await run_one(connections[name], kind, f"bench pattern=steady rate=1000 tokens=3 seed={index}")
             if status == 200 and answer.first is not None:
                 samples[name].append(answer.first - sent)
     for connection in connections.values():
@@ -271,23 +281,31 @@ async def figure_concurrency(fake_port, proxies, levels, seconds):
         row = {"streams": level}
         for name, port, kind in [("direct", fake_port, "dify")] + [(n, p.port, "openai") for n, p in proxies.items()]:
             query = f"bench pattern=stamp rate=30 tokens={tokens}"
+            proxy = proxies.get(name)
+            cpu, wall = proxy.cpu() if proxy else 0.0, time.monotonic()
             results = await streams_at_once(port, kind, [query] * level, stagger=1.0, stamps_only=True)
             lags = [lag for r in results if not isinstance(r, Exception) for lag in r[1].lags]
             errors = sum(1 for r in results if isinstance(r, Exception) or r[0] != 200
                          or len(r[1].lags) != tokens)
             row[name] = {"errors": errors, "lag_p50_ms": ms(percentile(lags, .5)),
                          "lag_p99_ms": ms(percentile(lags, .99))}
+            if proxy is not None:
+                # The proxy's share of one core while the streams ran: near 1.0 means the proxy itself is
+                # the limit; well below, the rest of the machine (load fake, load generator) is.
+                row[name]["proxy_core_share"] = round((proxy.cpu() - cpu) / (time.monotonic() - wall), 2)
         for name in proxies:
             row[name]["added_p50_ms"] = ms((row[name]["lag_p50_ms"] - row["direct"]["lag_p50_ms"]) / 1000)
             row[name]["added_p99_ms"] = ms((row[name]["lag_p99_ms"] - row["direct"]["lag_p99_ms"]) / 1000)
         out["levels"].append(row)
         print(f"  concurrency {level}: " + ", ".join(
             f"{n} p50 {row[n]['lag_p50_ms']} ms p99 {row[n]['lag_p99_ms']} ms err {row[n]['errors']}"
+            + (f" core {row[n]['proxy_core_share']}" if n in proxies else "")
             for n in ["direct"] + list(proxies)), flush=True)
     for name in proxies:
-        held = [row["streams"] for row in out["levels"]
-                if row[name]["errors"] == 0 and row[name]["added_p99_ms"] <= TARGETS["added_lag_ms"]]
-        out[f"{name}_streams_within_50ms_p99"] = max(held) if held else 0
+        for measure in ("p50", "p99"):
+            held = [row["streams"] for row in out["levels"]
+                    if row[name]["errors"] == 0 and row[name][f"added_{measure}_ms"] <= TARGETS["added_lag_ms"]]
+            out[f"{name}_streams_added_{measure}_within_50ms"] = max(held) if held else 0
     return out
 
 
@@ -444,8 +462,15 @@ def print_table(results):
     lines.append("3. streams at 30 tokens/s         per-token lag p50/p99 (ms): direct | proxy off | proxy on")
     for row in results["concurrency"]["levels"]:
         cells = " | ".join(f"{row[n]['lag_p50_ms']}/{row[n]['lag_p99_ms']} e{row[n]['errors']}"
+                           + (f" core {row[n]['proxy_core_share']}" if "proxy_core_share" in row[n] else "")
                            for n in ("direct", "smoothing_off", "smoothing_on") if n in row)
         lines.append(f"   {row['streams']:>5} streams                   {cells}")
+    concurrency = results["concurrency"]
+    for name in ("smoothing_off", "smoothing_on"):
+        if f"{name}_streams_added_p50_within_50ms" in concurrency:
+            lines.append(f"   most streams with added lag within 50 ms, {name}: "
+                         f"{concurrency[name + '_streams_added_p50_within_50ms']} (p50), "
+                         f"{concurrency[name + '_streams_added_p99_within_50ms']} (p99)")
     memory = results["memory"]
     lines.append(f"   {memory['streams']} open streams: {memory['most_open_at_once']} open at once, errors "
                  f"{memory['errors']}, RSS idle {memory['rss_idle_mb']} MB, peak {memory['peak_rss_mb']} MB")
@@ -476,13 +501,17 @@ def draw(results, series, path):
         total += count
         upstream_times.append(emitted - sent)
         upstream_total.append(total)
-    left.step(upstream_times, upstream_total, where="post", label="upstream (fake Dify emits)", color="grey")
     for name, color in (("smoothing_off", "tab:orange"), ("smoothing_on", "tab:blue")):
         times = [t - series[name]["sent"] for t in series[name]["client"]]
         left.plot(times, range(1, len(times) + 1), label=f"client via proxy, {name.replace('_', ' ')}", color=color)
+    left.step(upstream_times, upstream_total, where="post", label="upstream (fake Dify emits)", color="black",
+              linestyle=":")
+    shown = 3.0
+    left.set_xlim(0, shown)
+    left.set_ylim(0, max([n for t, n in zip(upstream_times, upstream_total) if t <= shown] or [1]) * 1.3)
     left.set_xlabel("seconds since request")
     left.set_ylabel("characters received")
-    left.set_title("Bursty answer: cumulative characters")
+    left.set_title(f"Bursty answer, first {shown:g} s: cumulative characters")
     left.legend()
     labels = ["added TTFT p50\n(ms)", "CPU per chunk\n(us / 10)", "CPU per request\n(ms)"]
     off = [results["ttft"]["smoothing_off"]["added_p50_ms"], results["cpu"]["smoothing_off"]["proxy_us_per_chunk"] / 10,
@@ -518,7 +547,7 @@ async def bench(quick):
     try:
         for proxy in list(proxies.values()) + [secure]:
             await wait_ready(proxy)
-        results = {"mode": "quick" if quick else "full", "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        results = {"mode": "quick" if quick else "full", "proxy_dir": str(PROXY_DIR), "started": datetime.datetime.now().isoformat(timespec="seconds"),
                    "python": sys.version.split()[0], "cpus": os.cpu_count(), "max_lag_ms": 400}
         started = time.monotonic()
         phase = time.monotonic()
@@ -571,7 +600,11 @@ async def bench(quick):
 def main():
     parser = argparse.ArgumentParser(description="OpenDify benchmark: proxy vs. straight to a fake Dify")
     parser.add_argument("--quick", action="store_true", help="a short run, well under a minute")
+    parser.add_argument("--proxy-dir", type=Path, default=ROOT,
+                        help="run the proxy from this checkout instead (e.g. `git archive` of an older commit)")
     args = parser.parse_args()
+    global PROXY_DIR
+    PROXY_DIR = args.proxy_dir.resolve()
     try:
         import uvloop  # the load generator is not what is measured: keep it light
         uvloop.install()

@@ -5,6 +5,7 @@ so the timing assertions hold on a loaded machine; end to end, the proxy runs ag
 the fake Dify scripted slow and bursty, and the tests check what the client received.
 """
 
+import asyncio
 import json
 import statistics
 import time
@@ -15,7 +16,7 @@ from config import ConfigError, settings_from
 from dify_client import Connection, Response
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from fake_dify import End, Event, Hang, Raw, Sleep, Text
-from streaming import Pacer
+from streaming import FrameClock, Pacer
 from support import sse_events
 
 CHAT = "Chat Bot"
@@ -211,6 +212,19 @@ def test_a_late_frame_releases_more_instead_of_lagging():
     assert not pacer.waiting and sum(len(v) for _, v in started + on_time + late + rest) == 300
 
 
+def test_frames_get_coarser_under_load_and_pacing_steps_aside_when_they_run_late():
+    clock = FrameClock(FRAME, MAX_LAG)
+    clock.measure(late=0.001, busy=0.002)
+    assert clock.interval == FRAME and not clock.overloaded
+    clock.measure(late=0.001, busy=0.05)  # a frame's work took 50 ms: the next comes later
+    assert clock.interval == 0.1 and not clock.overloaded
+    clock.measure(late=1.0, busy=1.0)
+    assert clock.interval == MAX_LAG / 2 and clock.overloaded
+    for _ in range(20):
+        clock.measure(late=0.001, busy=0.001)
+    assert not clock.overloaded and clock.interval == FRAME
+
+
 def test_flush_releases_everything_in_order():
     pacer = Pacer(MAX_LAG, FRAME)
     pacer.push([(CONTENT, "a")], now=0.0)
@@ -374,16 +388,21 @@ class FakeTransport:
         self.aborted = True
 
 
-def feed(raw, cuts):
-    connection = Connection()
-    connection.connection_made(FakeTransport())
-    response = Recorder()
-    done = connection.send(b"GET / HTTP/1.1\r\n\r\n", response, 1 << 20)
-    start = 0
-    for cut in list(cuts) + [len(raw)]:
-        connection.data_received(raw[start:cut])
-        start = cut
-    return connection, response, done
+def feed(raw, cuts, then_lost=False):
+    """Feeds a response to a Connection in pieces cut at `cuts` (on a loop of its own, for the futures)."""
+    async def run():
+        connection = Connection()
+        connection.connection_made(FakeTransport())
+        response = Recorder()
+        done = connection.send(b"GET / HTTP/1.1\r\n\r\n", response, 1 << 20)
+        start = 0
+        for cut in list(cuts) + [len(raw)]:
+            connection.data_received(raw[start:cut])
+            start = cut
+        if then_lost:
+            connection.connection_lost(None)
+        return connection, response, done
+    return asyncio.run(run())
 
 
 EVENT = "{\"answer\": \"\u72d0\U0001f98a\"}\n\n".encode()
@@ -415,14 +434,12 @@ def test_a_sized_response_and_whether_its_connection_is_reused(head, reusable):
 
 
 def test_a_response_cut_short_is_a_closed_connection():
-    connection, response, done = feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", [])
-    connection.connection_lost(None)
+    connection, response, done = feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhel", [], True)
     assert response.body == b"hel" and response.closed and not response.complete and done.done()
 
 
 def test_a_body_read_until_close_is_complete_but_not_reusable():
-    connection, response, done = feed(b"HTTP/1.1 200 OK\r\n\r\nall of it", [])
-    connection.connection_lost(None)
+    connection, response, done = feed(b"HTTP/1.1 200 OK\r\n\r\nall of it", [], True)
     assert response.body == b"all of it" and response.complete and not response.reusable and done.done()
 
 
@@ -433,8 +450,6 @@ def test_a_malformed_chunk_size_drops_the_connection():
 
 def test_main_runs_on_uvloop_when_it_is_installed():
     pytest.importorskip("uvloop")
-    import asyncio
-
     import main
 
     async def loop_kind():
