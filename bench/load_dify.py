@@ -159,6 +159,7 @@ class DifyProtocol(asyncio.Protocol):
         self.buffer = b""
         self.answer = None
         self.transport = None
+        self.close_after = False
 
     def connection_made(self, transport):
         self.transport = transport
@@ -192,8 +193,9 @@ class DifyProtocol(asyncio.Protocol):
             self.buffer = self.buffer[head_end + 4 + length:]
             method, target = lines[0].split(" ")[:2]
             self.stats.requests += 1
+            self.close_after = headers.get("connection", "").lower() == "close"
             self._route(method, target, body)
-            if headers.get("connection", "").lower() == "close":
+            if self.close_after and self.answer is None:
                 self.transport.close()
                 return
 
@@ -225,7 +227,9 @@ class DifyProtocol(asyncio.Protocol):
     def answer_done(self, answer):
         self.answers.pop(answer.task_id, None)
         self.answer = None
-        if self.buffer:
+        if self.close_after:
+            self.transport.close()
+        elif self.buffer:
             self._serve()
 
     def _json(self, data, status=200):

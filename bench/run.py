@@ -208,7 +208,8 @@ async def figure_ttft(targets, rounds):
     samples = {name: [] for name in targets}
     for index in range(rounds):
         for name, (_, kind) in targets.items():
-            status, answer, sent = await run_one(connections[name], kind, f"bench pattern=steady rate=1000 tokens=3 seed={index}")
+            query = f"bench pattern=steady rate=1000 tokens=3 seed={index}"
+            status, answer, sent = await run_one(connections[name], kind, query)
             if status == 200 and answer.first is not None:
                 samples[name].append(answer.first - sent)
     for connection in connections.values():
@@ -481,7 +482,8 @@ def print_table(results):
                          f"/{row['lag_max_ms']:<10} {row['duration_ratio']}   lost {row['lost']}")
     reuse = results["reuse"]
     lines.append(f"5. HTTPS upstream, new TLS connections (= handshakes) per {reuse['requests']} requests: proxy "
-                 f"{reuse['proxy']['tls_connections']}, direct keep-alive {reuse['direct_keepalive']['tls_connections']}"
+                 f"{reuse['proxy']['tls_connections']}, "
+                 f"direct keep-alive {reuse['direct_keepalive']['tls_connections']}"
                  f", Tornado's simple client (the proxy before) {reuse['tornado_simple_client']['tls_connections']}")
     lines.append("targets:")
     for label, value, target, met in verdicts(results):
@@ -547,7 +549,8 @@ async def bench(quick):
     try:
         for proxy in list(proxies.values()) + [secure]:
             await wait_ready(proxy)
-        results = {"mode": "quick" if quick else "full", "proxy_dir": str(PROXY_DIR), "started": datetime.datetime.now().isoformat(timespec="seconds"),
+        results = {"mode": "quick" if quick else "full", "proxy_dir": str(PROXY_DIR),
+                   "started": datetime.datetime.now().isoformat(timespec="seconds"),
                    "python": sys.version.split()[0], "cpus": os.cpu_count(), "max_lag_ms": 400}
         started = time.monotonic()
         phase = time.monotonic()

@@ -294,7 +294,8 @@ def test_with_smoothing_off_each_upstream_piece_is_one_chunk(make_harness):
 
 
 def test_split_utf8_and_paced_splits_keep_every_character(harness):
-    event = json.dumps({"event": "message", "answer": "\u72d0\u72f8\U0001f98a" * 40, "task_id": "t"}, ensure_ascii=False).encode()
+    event = json.dumps({"event": "message", "answer": "\u72d0\u72f8\U0001f98a" * 40, "task_id": "t"},
+                       ensure_ascii=False).encode()
     cut = event.index("\U0001f98a".encode()) + 2
     harness.dify.script(harness.key_of(CHAT), Text("Start"), Sleep(0.1), Text("\U0001f98a\u00e9" * 60), Sleep(0.1),
                         Raw(b"data: " + event[:cut]), Sleep(0.05), Raw(event[cut:] + b"\n\n"), End())
@@ -346,7 +347,9 @@ def test_requests_reuse_connections_to_dify(harness):
 def test_a_connection_dify_closed_while_idle_is_not_used(harness):
     client = harness.client()
     client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "one"}])
+    idle = list(harness.proxy.dify.connections._idle)
     harness.loop.run(harness.dify._server.close_all_connections())
+    assert idle and wait_for(lambda: all(connection.lost for connection in idle))
     answer = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "two"}])
     assert answer.choices[0].message.content == "Echo: two"
 
