@@ -8,7 +8,6 @@ the fake Dify scripted slow and bursty, and the tests check what the client rece
 import asyncio
 import json
 import statistics
-import time
 
 import pytest
 
@@ -17,22 +16,12 @@ from dify_client import Connection, Response
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from fake_dify import End, Event, Hang, Raw, Sleep, Text
 from streaming import FrameClock, Pacer
-from support import sse_events
+from support import sse_events, wait_for
 
 CHAT = "Chat Bot"
 MAX_LAG = 0.4
 FRAME = 0.02
 WORDS = "the quick brown fox jumps over the lazy dog while a \U0001f98a and \u72d0\u72f8 watch "
-
-
-def wait_for(condition, timeout=3.0):
-    """Polls a condition recorded by the fake (which runs on another thread) until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.01)
-    return condition()
 
 
 def run_pacer(arrivals, max_lag=MAX_LAG, frame=FRAME):
