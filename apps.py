@@ -132,7 +132,7 @@ class AppRegistry:
         try:
             info = await self.dify.get(key, "/info", timeout=15)
         except (DifyError, StreamFailure) as error:
-            log.error("Dify app %s: /info failed (%s); keeping its last known entry and retrying", key_id(key),
+            log.error("Dify app %s: /info failed (%s); keeping its last known entry, if any, and retrying", key_id(key),
                       error)
             return None
         name = str(info.get("name") or f"dify-app-{key_id(key)}")

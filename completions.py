@@ -81,7 +81,7 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None):
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None):
         self.dify = dify
         self.app = app
         self.request = request
@@ -89,6 +89,7 @@ class Completion:
         self.settings = settings
         self.translator = translator_for(app.mode, request.model, settings)
         self.binding = binding
+        self.uploads = uploads if uploads is not None else Uploads(dify)
         self.conversational = app.mode in CHAT_FAMILY
         self.marks_replies = (self.conversational and binding is not None and settings is not None
                               and settings.conversation_memory_mode == 2)
@@ -130,12 +131,9 @@ class Completion:
             return query
         return query + "\n\n" + tools.tool_instructions(self.tool_request)
 
-    uploads = None  # the proxy's files.Uploads (limits and upload cache), set by the handler
-
     async def attachments(self):
         """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""
-        uploads = self.uploads or Uploads(self.dify)
-        return await uploads.attach(self.app, self.request.messages, self.user, self.request.model)
+        return await self.uploads.attach(self.app, self.request.messages, self.user, self.request.model)
 
     def dify_request(self, query, files):
         """The Dify path and body for the app's mode. Completion and workflow apps read the user's text
@@ -185,7 +183,7 @@ class Completion:
             log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
                      "history", self.request.model)
             self.plan = memory.Plan("", self.plan.fresh_query, self.plan.fresh_query)
-        elif error.status == 400 and self._files and "upload file" in error.message.lower() and self.uploads:
+        elif error.status == 400 and self._files and "upload file" in error.message.lower():
             log.info("model %r: Dify no longer has a cached upload; uploading the files again", self.request.model)
             self.uploads.cache.forget(self.app.key, self.user)
             self._files = await self.attachments()

@@ -189,8 +189,7 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
         self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                                     self.proxy.settings, binding)
-        self.completion.uploads = self.proxy.uploads
+                                     self.proxy.settings, binding, self.proxy.uploads)
         await self.completion.start()
 
     async def post(self):
