@@ -49,6 +49,7 @@ class Answer:
         self.content = []
         self.reasoning = []
         self.tool_calls = []
+        self.legacy = False
 
     def add(self, pieces):
         for kind, value in pieces:
@@ -59,11 +60,8 @@ class Answer:
             elif kind is REPLACE:
                 self.content = [value]
             elif kind is TOOL_CALL:
-                self.tool_calls.append({"id": value["id"], "type": "function",
-                                        "function": {"name": value["name"], "arguments": value["arguments"]}})
+                self.tool_calls.append(tools.openai_tool_call(value))
                 self.legacy = bool(value.get("legacy"))
-
-    legacy = False
 
     def message(self):
         """The OpenAI assistant message; content is null when the answer is only tool calls."""
@@ -261,8 +259,7 @@ class Completion:
             closing = list(self.tool_parser.finish())
             if self.tool_request.legacy:
                 closing = self._legacy(closing)
-        if self.tool_parser is not None and self.tool_parser.called:
-            self.called_tools = True
+            self.called_tools = self.tool_parser.called
         if self.marks_replies:
             self._remember(closing)
             conversation_id = self.translator.conversation_id
@@ -281,8 +278,7 @@ class Completion:
                 self._visible = [value] if not self.request.stream or not self._visible else [
                     "".join(self._visible), "\n\n", value]
             elif kind is TOOL_CALL:
-                self._calls.append({"id": value["id"], "type": "function",
-                                    "function": {"name": value["name"], "arguments": value["arguments"]}})
+                self._calls.append(tools.openai_tool_call(value))
 
     @property
     def conversation_id(self):

@@ -1276,13 +1276,16 @@ class ToolCallParser:
         return spec
 
 
+def openai_tool_call(call):
+    """A parsed call ({"id", "name", "arguments"}) in the OpenAI `tool_calls` shape."""
+    return {"id": call["id"], "type": "function", "function": {"name": call["name"], "arguments": call["arguments"]}}
+
+
 def parse_tool_calls(text, request, id_factory=None):
     """Non-streaming: (content around the calls or None if empty, OpenAI tool_calls).
     It is the streaming parser fed in one piece, so both paths always agree."""
     parser = ToolCallParser(request, id_factory)
     pieces = parser.feed(text or "") + parser.finish()
     content = "".join(value for kind, value in pieces if kind == "content")
-    calls = [{"id": call["id"], "type": "function",
-              "function": {"name": call["name"], "arguments": call["arguments"]}}
-             for kind, call in pieces if kind == "tool_call"]
+    calls = [openai_tool_call(call) for kind, call in pieces if kind == "tool_call"]
     return (content or None), calls
