@@ -303,12 +303,6 @@ def attachment_parts(messages):
     return found
 
 
-def placeholders(messages):
-    """The new turn's attachments as placeholders, one a line: the query for a turn that has files but no
-    text (Dify refuses an empty query), e.g. `[image: png]`."""
-    return "\n".join(placeholder(part) for _, part in attachment_parts(messages))
-
-
 # --- what the app accepts ---------------------------------------------------------------------
 
 @dataclass(frozen=True)

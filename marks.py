@@ -103,12 +103,10 @@ __all__ = [
     "MARK_LENGTH",
     "derive_secret",
     "find_conversation",
-    "find_in_messages",
     "has_mark_characters",
     "make_mark",
     "mark_suffix",
     "strip_marks",
-    "strip_marks_from_content",
 ]
 
 ALPHABET = "\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064"
@@ -268,25 +266,6 @@ def strip_marks(text: str) -> str:
     return _MARK_RE.sub("", text)
 
 
-def strip_marks_from_content(content):
-    """``strip_marks`` applied to OpenAI message content (str or list of parts).
-
-    Returns a new value of the same shape; anything else is returned as is.
-    """
-    if isinstance(content, str):
-        return strip_marks(content)
-    if isinstance(content, list):
-        out = []
-        for part in content:
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                part = dict(part, text=strip_marks(part["text"]))
-            elif isinstance(part, str):
-                part = strip_marks(part)
-            out.append(part)
-        return out
-    return content
-
-
 def _decode(run: str, k_mac: bytes, k_enc: bytes, binding: bytes) -> str | None:
     n = 0
     for ch in run[len(START):len(START) + _PAYLOAD_CHARS]:
@@ -339,20 +318,6 @@ def find_conversation(content, *, secret: bytes, app_id: str, client_id: str) ->
                 return None
             budget -= 1
             found = _decode(run, k_mac, k_enc, binding)
-            if found is not None:
-                return found
-    return None
-
-
-def find_in_messages(messages, *, secret: bytes, app_id: str, client_id: str) -> str | None:
-    """The id of the newest valid mark in the assistant messages of ``messages``."""
-    if not isinstance(messages, (list, tuple)):
-        return None
-    for message in reversed(messages):
-        if isinstance(message, dict) and message.get("role") == "assistant":
-            found = find_conversation(
-                message.get("content"), secret=secret, app_id=app_id, client_id=client_id
-            )
             if found is not None:
                 return found
     return None

@@ -602,7 +602,6 @@ def test_attachment_parts_are_those_of_the_new_turn_with_their_place():
     assert [where for where, _ in files.attachment_parts(messages)] == [
         "messages[4].content[1]", "messages[4].content[2]", "messages[5].content[0]"]
     assert files.attachment_parts(messages[:3]) == []
-    assert files.placeholders(messages) == "[image: 2.png]\n[audio: wav]\n[file: a.pdf]"
 
 
 def test_history_placeholders_never_carry_data():
