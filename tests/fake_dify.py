@@ -418,6 +418,7 @@ class _Execution:
         self.end_user_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{app.key}/{user}"))
         # What the run produced so far.
         self.text = ""
+        self.message_row: dict | None = None  # the stored message of a chat run (GET /messages)
         self.text_events = 0
         self.ended = False  # terminal events already produced
         self.final: dict[str, Any] = {}  # status/usage/outputs/error of the terminal
@@ -546,6 +547,8 @@ class _Execution:
             self.text_events += 1
         elif name == "message_replace":
             self.text = str(event.get("answer", ""))
+        if self.message_row is not None:
+            self.message_row["answer"] = self.text
         if self.streaming:
             await self._write(b"data: " + self.fake._encode(event) + b"\n\n")
             self.at_boundary = True
@@ -815,6 +818,7 @@ _ROUTES: list[tuple[re.Pattern, dict[str, str], bool]] = [
         (r"/parameters", {"GET": "_parameters"}, True),
         (r"/meta", {"GET": "_meta"}, True),
         (r"/conversations", {"GET": "_list_conversations"}, True),
+        (r"/messages", {"GET": "_list_messages"}, True),
         (r"/conversations/(?P<conversation_id>[^/]+)", {"DELETE": "_delete_conversation"}, True),
     ]
 ]
@@ -957,6 +961,22 @@ class _DifyHandler(RequestHandler):
         ]
         rows.sort(key=lambda row: row["updated_at"], reverse=True)
         self._send_json({"limit": limit, "has_more": len(rows) > limit, "data": rows[:limit]})
+
+    async def _list_messages(self, app: FakeApp) -> None:
+        """The latest `limit` messages of a conversation, oldest to newest within the page (as Dify pages them)."""
+        self._require_chat(app)
+        user = self._user(self.get_query_argument("user", None), required=False)
+        conversation_id = self.get_query_argument("conversation_id", "")
+        try:
+            limit = int(self.get_query_argument("limit", "20"))
+        except ValueError:
+            limit = 20
+        if not 1 <= limit <= 100:
+            raise _invalid_param("limit must be between 1 and 100")
+        if self.fake.conversations.get(conversation_id) != (app.key, user):
+            raise _ApiError(404, "not_found", "Conversation Not Exists.")
+        rows = self.fake.messages.get(conversation_id, [])
+        self._send_json({"limit": limit, "has_more": len(rows) > limit, "data": [dict(row) for row in rows[-limit:]]})
 
     async def _delete_conversation(self, app: FakeApp, conversation_id: str) -> None:
         user = self._user(self._json_body().get("user"), required=False)
@@ -1167,6 +1187,8 @@ class _DifyHandler(RequestHandler):
             conversation_id=conversation_id, streaming=streaming,
         )
         self.execution = execution
+        if conversation_id:
+            self.fake._add_message(execution)
         self.fake._executions[execution.task_id] = execution
         if streaming:
             self.fake.active_streams += 1
@@ -1248,6 +1270,8 @@ class FakeDify:
         self._uploads_waiting = 0
         self._rendezvous: asyncio.Event | None = None
         self.conversations: dict[str, tuple[str, str]] = {}
+        # conversation id -> its messages, oldest first (what GET /messages pages through)
+        self.messages: dict[str, list[dict]] = {}
         self.connections_opened = 0
         self.active_streams = 0
 
@@ -1322,6 +1346,7 @@ class FakeDify:
 
     def delete_conversation(self, conversation_id: str) -> None:
         self.conversations.pop(conversation_id, None)
+        self.messages.pop(conversation_id, None)
         self._conversation_meta.pop(conversation_id, None)
 
     # ---- internals (loop thread)
@@ -1352,6 +1377,16 @@ class FakeDify:
             else:
                 message = "Access token is invalid"
         raise _ApiError(401, "unauthorized", message, _UNAUTHORIZED_HEADERS)
+
+    def _add_message(self, execution: _Execution) -> None:
+        """Dify stores the message when the run starts; its answer is read live from the run."""
+        row = {"id": execution.message_id, "conversation_id": execution.conversation_id,
+               "parent_message_id": "00000000-0000-0000-0000-000000000000", "inputs": execution.inputs,
+               "query": execution.query, "answer": "", "message_files": [], "feedback": None,
+               "retriever_resources": [], "created_at": execution.created_at, "agent_thoughts": [],
+               "status": "normal", "error": None}
+        execution.message_row = row
+        self.messages.setdefault(execution.conversation_id, []).append(row)
 
     def _touch_conversation(self, app: FakeApp, user: str, conversation_id: str, query: str, inputs: dict) -> str:
         """Create a conversation for a blank id, or bump an existing one's updated_at."""
