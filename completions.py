@@ -165,6 +165,7 @@ class Completion:
         """Builds the Dify request and opens the stream; early failures raise APIError. A client that
         left while the files were uploading gets no run at all."""
         query = self.query()
+        self.dify_request(query, [])  # the app's inputs are checked before any file is uploaded
         files = await self.attachments()
         self._files = files
         path, body = self.dify_request(query, files)

@@ -587,6 +587,7 @@ class DifyClient:
     async def upload(self, key, filename, mime, data, user):
         boundary = uuid4().hex
         safe_name = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        mime = "".join(ch for ch in mime if " " < ch < "\x7f") or "application/octet-stream"  # a header value
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user}\r\n'
                 f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe_name}"\r\n'
                 f"Content-Type: {mime}\r\n\r\n").encode()
