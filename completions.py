@@ -18,6 +18,7 @@ from errors import APIError, bad_request, from_dify, upstream_broken, upstream_t
 from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
+from output_format import format_instructions
 
 log = logging.getLogger("opendify.completions")
 
@@ -79,7 +80,7 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None):
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True):
         self.dify = dify
         self.app = app
         self.request = request
@@ -89,7 +90,8 @@ class Completion:
         self.binding = binding
         self.uploads = uploads if uploads is not None else Uploads(dify)
         self.conversational = app.mode in CHAT_FAMILY
-        self.marks_replies = (self.conversational and binding is not None and settings is not None
+        # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
+        self.marks_replies = (marks and self.conversational and binding is not None and settings is not None
                               and settings.conversation_memory_mode == 2)
         self.plan = None
         try:
@@ -97,6 +99,7 @@ class Completion:
         except tools.ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
         self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
+        self.format_instructions = format_instructions(request.body.get("response_format"))
         self._visible = []
         self._calls = []
         self.answer_length = 0
@@ -125,9 +128,12 @@ class Completion:
         return self._with_tools(self.plan.query)
 
     def _with_tools(self, query):
-        if self.tool_request is None:
-            return query
-        return query + "\n\n" + tools.tool_instructions(self.tool_request)
+        """The query with what the client asks of the answer's form: its tools, then its output format."""
+        if self.tool_request is not None:
+            query += "\n\n" + tools.tool_instructions(self.tool_request)
+        if self.format_instructions:
+            query += "\n\n" + self.format_instructions
+        return query
 
     async def attachments(self):
         """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""

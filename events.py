@@ -308,6 +308,7 @@ class AnswerTranslator:
         self.model = model
         self.usage = None
         self.conversation_id = None
+        self.message_id = None
         self.done = False
         self.replaced = False
         self.failure = None
@@ -328,6 +329,8 @@ class AnswerTranslator:
 
     def feed(self, event):
         """The pieces one event adds; raises APIError for an error event or a failed run."""
+        if self.message_id is None and event.get("message_id"):
+            self._note_ids(event)
         name = event.get("event")
         answer = event.get("answer")
         if answer.__class__ is str and name not in _NOT_TEXT:
@@ -340,6 +343,13 @@ class AnswerTranslator:
             self.conversation_id = event["conversation_id"]
         handler = self._HANDLERS.get(name)
         return tuple(handler(self, event)) if handler is not None else ()
+
+    def _note_ids(self, event):
+        """The run's Dify message (and conversation) id, from its first event that names them: a response
+        id is made of them before the answer's first text goes out."""
+        self.message_id = event["message_id"]
+        if self.conversation_id is None and event.get("conversation_id"):
+            self.conversation_id = event["conversation_id"]
 
     def finish_reason(self):
         return "content_filter" if self.replaced else "stop"

@@ -317,7 +317,7 @@ class EventStreamResponse:
             log.warning("stream for model %r failed after it started: %s", completion.request.model, error)
             self.handler.error_code = error.code
             self.send((self.encode(self.pacer.flush()) if self.pacer is not None else b"")
-                      + self.encoder.error(error) + ChunkEncoder.DONE)
+                      + self.encoder.error(error) + self.encoder.DONE)
             return
         if completion.cancelled or self.closed:
             return
@@ -329,7 +329,7 @@ class EventStreamResponse:
         tail = self.encoder.finish(completion.finish_reason())
         if completion.request.include_usage:
             tail += self.encoder.usage(completion.usage())
-        self.send(tail + ChunkEncoder.DONE)
+        self.send(tail + self.encoder.DONE)
 
     def relay(self, pieces):
         """Sends what is due of a batch of pieces now, and leaves the rest to the frame clock."""
