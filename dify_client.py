@@ -17,7 +17,7 @@ import json
 import logging
 import ssl
 import time
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 from uuid import uuid4
 
 from tornado.concurrent import Future
@@ -560,6 +560,29 @@ class DifyClient:
     async def stop(self, key, kind, task_id, user):
         """Asks Dify to stop generating; the stop endpoints answer success even for unknown tasks."""
         return await self.post(key, STOP_PATHS[kind].format(task_id), {"user": user}, timeout=10)
+
+    async def latest_message(self, key, conversation_id, user, timeout=10):
+        """The newest message of a chat-family conversation (Dify's message object), or None when Dify
+        has no such conversation for this user (deleted, expired, never made) or it holds no message.
+        One cheap `GET /messages?limit=1`: Dify pages oldest to newest, so the only item is the newest."""
+        path = f"/messages?{urlencode({'conversation_id': conversation_id, 'user': user, 'limit': 1})}"
+        try:
+            page = await self.get(key, path, timeout=timeout)
+        except DifyError as error:
+            if error.status == 404:
+                return None
+            raise
+        items = page.get("data") if isinstance(page, dict) else None
+        return items[-1] if isinstance(items, list) and items and isinstance(items[-1], dict) else None
+
+    async def delete_conversation(self, key, conversation_id, user, timeout=10):
+        """Deletes a conversation (Dify answers 204); one already gone is not an error."""
+        try:
+            await self._call("DELETE", key, f"/conversations/{conversation_id}",
+                             json.dumps({"user": user}).encode(), timeout=timeout)
+        except DifyError as error:
+            if error.status != 404:
+                raise
 
     async def upload(self, key, filename, mime, data, user):
         boundary = uuid4().hex

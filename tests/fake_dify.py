@@ -525,6 +525,7 @@ class _Execution:
         self.end_user_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{app.key}/{user}"))
         # What the run produced so far.
         self.text = ""
+        self.message_row: dict | None = None  # the stored message of a chat run (GET /messages)
         self.text_events = 0
         self.ended = False  # terminal events already produced
         self.final: dict[str, Any] = {}  # status/usage/outputs/error of the terminal
@@ -684,6 +685,8 @@ class _Execution:
             self.text_events += 1
         elif name == "message_replace":
             self.text = str(event.get("answer", ""))
+        if self.message_row is not None:
+            self.message_row["answer"] = self.text
         if self.streaming:
             await self._write(b"data: " + self.fake._encode(event) + b"\n\n")
             self.at_boundary = True
@@ -1163,9 +1166,11 @@ class _DifyHandler(RequestHandler):
         if not conversation_id:
             raise self._invalid("MessageListQuery", "conversation_id", "Field required", "missing", {})
         try:
-            limit = min(100, max(1, int(self.get_query_argument("limit", "20"))))
+            limit = int(self.get_query_argument("limit", "20"))
         except ValueError:
             limit = 20
+        if not 1 <= limit <= 100:
+            raise _invalid_param("limit must be between 1 and 100")
         if self.fake.conversations.get(conversation_id) != (app.key, user):
             raise _ApiError(404, "not_found", "Conversation Not Exists.")
         rows = list(self.fake.messages.get(conversation_id, []))
@@ -1408,14 +1413,13 @@ class _DifyHandler(RequestHandler):
             conversation_id=conversation_id, streaming=streaming,
         )
         self.execution = execution
+        if conversation_id:
+            self.fake._add_message(execution)
         self.fake._executions[execution.task_id] = execution
-        message = self.fake._add_message(execution) if conversation_id else None
         if streaming:
             self.fake.active_streams += 1
         try:
             await execution.run(steps)
-            if message is not None:
-                message["answer"] = execution.text
             self._respond(execution)
         finally:
             self.fake._executions.pop(execution.task_id, None)
@@ -1498,7 +1502,7 @@ class FakeDify:
         self._uploads_waiting = 0
         self._rendezvous: asyncio.Event | None = None
         self.conversations: dict[str, tuple[str, str]] = {}
-        # Messages per conversation, oldest first, as GET /messages lists them.
+        # conversation id -> its messages, oldest first (what GET /messages pages through)
         self.messages: dict[str, list[dict]] = {}
         # R2: seconds a worker run waits for a worker after the initial ping (no pings meanwhile); 1.13
         # took 0.2-0.3 s when idle, 13 s with its slots busy. Kept short by default so tests stay quick.
@@ -1583,8 +1587,8 @@ class FakeDify:
 
     def delete_conversation(self, conversation_id: str) -> None:
         self.conversations.pop(conversation_id, None)
-        self._conversation_meta.pop(conversation_id, None)
         self.messages.pop(conversation_id, None)
+        self._conversation_meta.pop(conversation_id, None)
 
     def parameters_of(self, app: FakeApp) -> dict:
         return app.effective_parameters(self.profile.parameters_style)
@@ -1618,6 +1622,16 @@ class FakeDify:
                 message = "Access token is invalid"
         raise _ApiError(401, "unauthorized", message, _UNAUTHORIZED_HEADERS)
 
+    def _add_message(self, execution: _Execution) -> None:
+        """Dify stores the message when the run starts; its answer is read live from the run."""
+        row = {"id": execution.message_id, "conversation_id": execution.conversation_id,
+               "parent_message_id": "00000000-0000-0000-0000-000000000000", "inputs": execution.inputs,
+               "query": execution.query, "answer": "", "message_files": [], "feedback": None,
+               "retriever_resources": [], "created_at": execution.created_at, "agent_thoughts": [],
+               "status": "normal", "error": None}
+        execution.message_row = row
+        self.messages.setdefault(execution.conversation_id, []).append(row)
+
     def _touch_conversation(self, app: FakeApp, user: str, conversation_id: str, query: str, inputs: dict) -> str:
         """Create a conversation for a blank id, or bump an existing one's updated_at."""
         now = int(time.time())
@@ -1636,26 +1650,6 @@ class FakeDify:
         }
         self.conversations[new_id] = (app.key, user)
         return new_id
-
-    def _add_message(self, execution: _Execution) -> dict:
-        """The message row Dify creates when a chat run starts (its answer is filled in at the end)."""
-        message = {
-            "id": execution.message_id,
-            "conversation_id": execution.conversation_id,
-            "parent_message_id": "00000000-0000-0000-0000-000000000000",
-            "inputs": dict(execution.inputs),
-            "query": execution.query,
-            "answer": "",
-            "feedback": None,
-            "retriever_resources": [],
-            "created_at": execution.created_at,
-            "agent_thoughts": [],
-            "message_files": [],
-            "status": "normal",
-            "error": None,
-        }
-        self.messages.setdefault(execution.conversation_id, []).append(message)
-        return message
 
     def _record(self, request: Any) -> None:
         sub = _v1_subpath(request.path)
