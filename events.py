@@ -308,6 +308,7 @@ class AnswerTranslator:
         self.model = model
         self.usage = None
         self.conversation_id = None
+        self.message_id = None  # the Dify message this run answers (marks in mode 2 carry it)
         self.done = False
         self.replaced = False
         self.failure = None
@@ -338,6 +339,8 @@ class AnswerTranslator:
             return tuple(self._text(answer))
         if event.get("conversation_id") and self.conversation_id is None:
             self.conversation_id = event["conversation_id"]
+        if event.get("message_id") and self.message_id is None:
+            self.message_id = event["message_id"]
         handler = self._HANDLERS.get(name)
         return tuple(handler(self, event)) if handler is not None else ()
 
