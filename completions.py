@@ -107,6 +107,7 @@ class Completion:
         self.called_tools = False
         self._stream = None
         self._cancelled = False
+        self._closed = False
         self._pending_error = None
         self._retried = False
         self._files = []
@@ -204,15 +205,21 @@ class Completion:
         return "/chat-messages", body
 
     async def start(self):
-        """Builds the Dify request and opens the stream; early failures raise APIError."""
+        """Builds the Dify request and opens the stream; early failures raise APIError. A client that
+        left while the files were uploading gets no run at all."""
         query = await self.query()
         files = await self.attachments()
         self._files = files
         path, body = self.dify_request(query, files)
-        self._stream = self.dify.stream(self.app.key, path, body)
+        self._open(path, body)
 
     def _reopen(self):
         path, body = self.dify_request(self._with_tools(self.plan), self._files)
+        self._open(path, body)
+
+    def _open(self, path, body):
+        if self._cancelled or self._closed:
+            return
         self._stream = self.dify.stream(self.app.key, path, body)
 
     async def _retry(self, error):
@@ -249,9 +256,9 @@ class Completion:
             raise self._dify_error(error)
         except StreamFailure as failure:
             raise self._failure_error(failure)
+        if self._cancelled:
+            return None
         if events is None:
-            if self._cancelled:
-                return None
             if translator.failure is not None:
                 raise translator.failure
             raise upstream_broken(self.request.model, "ended its answer without finishing it")
@@ -381,22 +388,38 @@ class Completion:
         return self._cancelled
 
     def cancel(self):
-        """The client left: stop reading, and ask Dify to stop generating for nobody."""
-        if self._cancelled or self._stream is None:
+        """The client left: no run is started, and one under way is ended by `close`. A run whose task id
+        is not known yet is closed only once its first event names the task (the reader then returns
+        at once), so that Dify can still be told to stop it."""
+        if self._cancelled:
             return
         self._cancelled = True
-        unfinished = not self.translator.done
-        self._stream.close()
-        task_id = self._stream.task_id
-        if unfinished and task_id:
+        stream = self._stream
+        if stream is not None and (stream.task_id or self.translator.done):
+            self.close()
+
+    def close(self):
+        """Ends the run, however the request ended (finished, failed, cancelled, timed out): the Dify
+        stream is closed and, unless the answer finished, Dify's task is stopped. The request's one
+        owner of the run calls it in a `finally`; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        stream = self._stream
+        if stream is None or self.translator.done and not self._cancelled:
+            return  # a finished answer's response ends by itself, and its connection is reused
+        stream.close()
+        task_id = stream.task_id
+        if task_id and not self.translator.done:
             IOLoop.current().spawn_callback(self._stop, task_id)
 
     async def _stop(self, task_id):
+        reason = "client left" if self._cancelled else "answer ended early"
         try:
             await self.dify.stop(self.app.key, _STOP_KINDS.get(self.app.mode, "chat"), task_id, self.user)
-            log.info("client left: stopped the Dify task of model %r", self.request.model)
+            log.info("%s: stopped the Dify task of model %r", reason, self.request.model)
         except (DifyError, StreamFailure) as error:
-            log.warning("client left, and stopping the Dify task of model %r failed: %s", self.request.model, error)
+            log.warning("%s, and stopping the Dify task of model %r failed: %s", reason, self.request.model, error)
 
     def _dify_error(self, error):
         api = from_dify(error.status, error.code, error.message, self.request.model)

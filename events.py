@@ -272,6 +272,16 @@ def render_outputs(outputs, base=""):
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
 
 
+def _error_status(value):
+    """The HTTP status an error event reports; Dify 0.11 sends none, and anything that is not a
+    status is taken as a server error."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value.__class__ is int and 400 <= value <= 599:
+        return value
+    return 500
+
+
 def run_failed(model, detail):
     """A failed chatflow or workflow run: the app's own error text; retrying re-runs the same failure."""
     return APIError(502, f"The Dify app for model '{model}' failed: {detail or 'no detail'}", type="server_error",
@@ -330,6 +340,8 @@ class AnswerTranslator:
     def feed(self, event):
         """The pieces one event adds; raises APIError for an error event or a failed run."""
         name = event.get("event")
+        if self.conversation_id is None or self.message_id is None:
+            self._learn_conversation(event)
         answer = event.get("answer")
         if answer.__class__ is str and name not in _NOT_TEXT:
             if name == "agent_message":
@@ -337,15 +349,21 @@ class AnswerTranslator:
             elif self._agent_text and self.mode == "agent":
                 return ()
             return tuple(self._text(answer))
-        if event.get("conversation_id") and self.conversation_id is None:
-            self.conversation_id = event["conversation_id"]
-        if event.get("message_id") and self.message_id is None:
-            self.message_id = event["message_id"]
         handler = self._HANDLERS.get(name)
         return tuple(handler(self, event)) if handler is not None else ()
 
     def finish_reason(self):
         return "content_filter" if self.replaced else "stop"
+
+    def _learn_conversation(self, event):
+        """Every event of a chat run names its conversation and message: the first one that does tells them
+        (mode-2 marks carry the message)."""
+        found = event.get("conversation_id")
+        if found and found.__class__ is str and self.conversation_id is None:
+            self.conversation_id = found
+        message = event.get("message_id")
+        if message and message.__class__ is str and self.message_id is None:
+            self.message_id = message
 
     # Events.
 
@@ -438,7 +456,8 @@ class AnswerTranslator:
         raise self.failure
 
     def _error(self, event):
-        raise from_dify(int(event.get("status") or 500), event.get("code") or "",
+        code = event.get("code")
+        raise from_dify(_error_status(event.get("status")), code if isinstance(code, str) else "",
                         str(event.get("message") or "no detail"), self.model)
 
     _HANDLERS = {

@@ -18,6 +18,7 @@ from tornado.web import RequestHandler, stream_request_body
 from apps import AppRegistry
 from completions import Completion, client_id, dify_user
 from memory import Binding
+from departures import DepartureWatch
 from dify_client import DifyClient
 from errors import APIError, generic
 from files import Uploads
@@ -176,10 +177,24 @@ def body_too_large(limit):
 
 @stream_request_body
 class ChatCompletionsHandler(BoundedBody, BaseHandler):
+    """POST /v1/chat/completions. `post` owns the Dify run's lifetime: whatever happens (an answer, an
+    error, a client that leaves at any moment), its `finally` ends the run and stops watching the client."""
+
     completion = None
+    departed = False
+
+    async def post(self):
+        watch = DepartureWatch(self.request.connection.stream)
+        try:
+            await self.answer()
+        finally:
+            watch.stop()
+            if self.completion is not None:
+                self.completion.close()
 
     async def begin(self, request, completion_id):
-        """Resolves the model and starts its Completion (early failures raise APIError)."""
+        """Resolves the model and starts its Completion (early failures raise APIError); a client that
+        has left by then gets no run."""
         self.model = request.model
         self.completion_id = completion_id
         app = await self.proxy.registry.resolve(request.model)
@@ -190,27 +205,29 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
         self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
                                      self.proxy.settings, binding, self.proxy.uploads)
+        if self.departed:
+            self.completion.cancel()
         await self.completion.start()
 
-    async def post(self):
+    async def answer(self):
         request = parse_chat_request(parse_body(self.request.body))
         await self.begin(request, new_completion_id())
         if request.stream:
             await EventStreamResponse(self, self.completion, self.proxy.heartbeat).run()
-        else:
-            answer = await self.completion.collect()
-            if self.completion.cancelled:
-                return
             self.tokens = self.completion.usage()
-            if self.completion.conversation_id:
-                self.set_header("X-Dify-Conversation-Id", self.completion.conversation_id)
-            self.write_json(completion_body(self.completion_id, int(time.time()), request.model, answer.message(),
-                                            self.completion.finish_reason(), self.tokens))
+            return
+        answer = await self.completion.collect()
+        if self.completion.cancelled:
             return
         self.tokens = self.completion.usage()
+        if self.completion.conversation_id:
+            self.set_header("X-Dify-Conversation-Id", self.completion.conversation_id)
+        self.write_json(completion_body(self.completion_id, int(time.time()), request.model, answer.message(),
+                                        self.completion.finish_reason(), self.tokens))
 
     def on_connection_close(self):
         super().on_connection_close()
+        self.departed = True
         if self.completion is not None:
             self.completion.cancel()
 
@@ -219,7 +236,7 @@ class TextCompletionsHandler(ChatCompletionsHandler):
     """Legacy POST /v1/completions (Continue's autocomplete, LlamaIndex `OpenAILike`): the prompt is
     run like a one-message chat and answered in the text_completion shape."""
 
-    async def post(self):
+    async def answer(self):
         request = parse_text_completion_request(parse_body(self.request.body))
         await self.begin(request, new_text_completion_id())
         if request.stream:

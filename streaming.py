@@ -22,7 +22,7 @@ from tornado.concurrent import Future
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import StreamClosedError
 
-from errors import APIError
+from errors import APIError, generic
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from openai_api import ChunkEncoder
 
@@ -293,6 +293,7 @@ class EventStreamResponse:
         self.frames = heartbeat.frames
         self.pacer = self.frames.pacer() if self.frames is not None else None
         self._drained = None
+        self._conversation_untold = False
 
     async def run(self):
         self.heartbeat.add(self)
@@ -308,16 +309,17 @@ class EventStreamResponse:
         try:
             while (pieces := await completion.next_pieces()) is not None:
                 if not self.committed:
+                    if not pieces and self._awaiting_conversation():
+                        continue
                     self.commit()
+                elif self._conversation_untold and completion.conversation_id:
+                    self._tell_conversation()
                 if pieces:
                     self.relay(pieces)
-        except APIError as error:
+        except Exception as error:
             if not self.committed:
                 raise
-            log.warning("stream for model %r failed after it started: %s", completion.request.model, error)
-            self.handler.error_code = error.code
-            self.send((self.encode(self.pacer.flush()) if self.pacer is not None else b"")
-                      + self.encoder.error(error) + ChunkEncoder.DONE)
+            self.fail(error)
             return
         if completion.cancelled or self.closed:
             return
@@ -330,6 +332,30 @@ class EventStreamResponse:
         if completion.request.include_usage:
             tail += self.encoder.usage(completion.usage())
         self.send(tail + ChunkEncoder.DONE)
+
+    def fail(self, error):
+        """Ends a committed stream that failed, whatever the failure, with an error event and `[DONE]`
+        (what was paced goes out first): never a stream that just stops."""
+        if not isinstance(error, APIError):
+            log.error("stream for model %r failed unexpectedly", self.completion.request.model,
+                      exc_info=(type(error), error, error.__traceback__))
+            error = generic(500, "")
+        else:
+            log.warning("stream for model %r failed after it started: %s", self.completion.request.model, error)
+        self.handler.error_code = error.code
+        self.send((self.encode(self.pacer.flush()) if self.pacer is not None else b"")
+                  + self.encoder.error(error) + ChunkEncoder.DONE)
+
+    def _awaiting_conversation(self):
+        """Whether the 200 should wait for Dify's first event naming the conversation, so that the
+        X-Dify-Conversation-Id header can carry it (the keep-alive bounds the wait)."""
+        return self.completion.conversational and not self.completion.conversation_id
+
+    def _tell_conversation(self):
+        """The conversation id learned after the headers went out (Dify was silent past the
+        keep-alive), as an SSE comment, which every client's parser skips."""
+        self._conversation_untold = False
+        self.send(b": x-dify-conversation-id: " + self.completion.conversation_id.encode() + b"\n\n")
 
     def relay(self, pieces):
         """Sends what is due of a batch of pieces now, and leaves the rest to the frame clock."""
@@ -407,8 +433,10 @@ class EventStreamResponse:
         handler.set_header("X-Accel-Buffering", "no")
         if self.completion.conversation_id:
             handler.set_header("X-Dify-Conversation-Id", self.completion.conversation_id)
-        handler.write(self.encoder.role())
+        else:
+            self._conversation_untold = self.completion.conversational
         self.committed = True
+        self.send(self.encoder.role())
 
     def send(self, data):
         if self.closed:
