@@ -19,6 +19,7 @@ from errors import APIError, bad_request, from_dify, upstream_broken, upstream_t
 from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
+from output_format import format_instructions
 
 log = logging.getLogger("opendify.completions")
 
@@ -80,7 +81,7 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None):
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True):
         self.dify = dify
         self.app = app
         self.request = request
@@ -90,7 +91,8 @@ class Completion:
         self.binding = binding
         self.uploads = uploads if uploads is not None else Uploads(dify)
         self.conversational = app.mode in CHAT_FAMILY
-        self.marks_replies = (self.conversational and binding is not None and settings is not None
+        # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
+        self.marks_replies = (marks and self.conversational and binding is not None and settings is not None
                               and settings.conversation_memory_mode == 2)
         self.plan = None
         try:
@@ -100,6 +102,7 @@ class Completion:
         self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
         self._tools_seen = None
         self._held = ""
+        self.format_instructions = format_instructions(request.body.get("response_format"))
         self._visible = []
         self._calls = []
         self.answer_length = 0
@@ -160,18 +163,24 @@ class Completion:
             self.plan = self.plan.fresh()
 
     def _with_tools(self, plan):
-        """The plan's query with the tool text: in a continued conversation that already has this exact
-        catalogue, only the turn's tool_choice rule (if any)."""
+        """The plan's query with what the client asks of the answer's form: its tools (in a continued
+        conversation that already has this exact catalogue, only the turn's tool_choice rule), then
+        its output format."""
+        query = plan.query
         request = self.tool_request
         if request is None:
             self._tools_seen = plan.tools_seen if plan.conversation_id else None
-            return plan.query
-        catalogue = tools.catalogue(request)
-        seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
-        known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
-        self._tools_seen = seen
-        text = tools.tool_instructions(request, with_catalogue=not known)
-        return plan.query + "\n\n" + text if text else plan.query
+        else:
+            catalogue = tools.catalogue(request)
+            seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
+            known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
+            self._tools_seen = seen
+            text = tools.tool_instructions(request, with_catalogue=not known)
+            if text:
+                query += "\n\n" + text
+        if self.format_instructions:
+            query += "\n\n" + self.format_instructions
+        return query
 
     async def attachments(self):
         """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""

@@ -318,7 +318,7 @@ class AnswerTranslator:
         self.model = model
         self.usage = None
         self.conversation_id = None
-        self.message_id = None  # the Dify message this run answers (marks in mode 2 carry it)
+        self.message_id = None
         self.done = False
         self.replaced = False
         self.failure = None
@@ -340,8 +340,10 @@ class AnswerTranslator:
     def feed(self, event):
         """The pieces one event adds; raises APIError for an error event or a failed run."""
         name = event.get("event")
-        if self.conversation_id is None or self.message_id is None:
+        if self.conversation_id is None:
             self._learn_conversation(event)
+        if self.message_id is None:
+            self._learn_message(event)
         answer = event.get("answer")
         if answer.__class__ is str and name not in _NOT_TEXT:
             if name == "agent_message":
@@ -356,14 +358,16 @@ class AnswerTranslator:
         return "content_filter" if self.replaced else "stop"
 
     def _learn_conversation(self, event):
-        """Every event of a chat run names its conversation and message: the first one that does tells them
-        (mode-2 marks carry the message)."""
+        """Every event of a chat run names its conversation: the first one that does tells it."""
         found = event.get("conversation_id")
-        if found and found.__class__ is str and self.conversation_id is None:
+        if found and found.__class__ is str:
             self.conversation_id = found
-        message = event.get("message_id")
-        if message and message.__class__ is str and self.message_id is None:
-            self.message_id = message
+
+    def _learn_message(self, event):
+        """The run's Dify message id, from the first event that names it (a Responses API id is made of it)."""
+        found = event.get("message_id")
+        if found and found.__class__ is str:
+            self.message_id = found
 
     # Events.
 
