@@ -318,3 +318,18 @@ def test_other_requests_are_served_while_a_large_body_is_parsed(make_harness):
     connection.close()
     # Parsed on the loop, one ping waits for the whole parse (the largest part of `handled`).
     assert max(latencies) < handled / 2, (max(latencies), handled)
+
+
+def test_a_bad_app_input_is_refused_before_a_mode_2_conversation_check(make_harness):
+    parameters = default_parameters("chat")
+    parameters["user_input_form"][0]["text-input"]["required"] = True
+    harness = make_harness(apps=[FakeApp(key="app-input000000000000000000000", name=CHAT, parameters=parameters)],
+                           env={"CONVERSATION_MEMORY_MODE": "2"})
+    first = harness.client().chat.completions.create(model=CHAT, messages=[user("one")],
+                                                     extra_body={"inputs": {"city": "Paris"}})
+    reply = first.choices[0].message.content
+    calls = len(harness.dify.requests)
+    status, _, body = post(harness, {"model": CHAT, "messages": [user("one"), {"role": "assistant", "content": reply},
+                                                                 user("two")]})
+    assert status == 400 and body["error"]["param"] == "inputs.city"
+    assert len(harness.dify.requests) == calls  # not even the conversation's newest message was read

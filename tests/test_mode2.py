@@ -27,6 +27,7 @@ def ask(harness, messages, model=CHAT, key=None, **kwargs):
     return client.chat.completions.create(model=model, messages=messages, **kwargs).choices[0].message.content
 
 
+@pytest.mark.real_difies
 def test_ten_turn_chat_sends_one_turn_per_request(chat):
     messages = [{"role": "system", "content": "You are terse."}]
     for turn in range(10):
@@ -100,6 +101,7 @@ def test_marks_of_another_client_truncated_or_forged_are_ignored(chat):
         assert "<history>" in sent["query"] and sent["query"].endswith("steal")
 
 
+@pytest.mark.real_difies
 def test_deleted_conversation_recovers_with_nothing_lost(chat, caplog):
     messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "first"}]
     messages.append({"role": "assistant", "content": ask(chat, messages)})
@@ -109,7 +111,7 @@ def test_deleted_conversation_recovers_with_nothing_lost(chat, caplog):
     with caplog.at_level(logging.INFO):
         reply = ask(chat, messages)
     bodies = chat.chat_bodies()
-    assert bodies[-2]["conversation_id"] == old
+    assert len(bodies) == 2, "the newest-message check finds the conversation gone before Dify is asked"
     assert bodies[-1]["conversation_id"] == "" and "first" in bodies[-1]["query"]
     assert bodies[-1]["query"].startswith("<system>\nBe kind.\n</system>") and bodies[-1]["query"].endswith("second")
     assert reply.startswith("Echo: ") and marks.has_mark_characters(reply)
@@ -164,6 +166,7 @@ def test_chat_begun_in_mode_one_is_folded_then_marked(chat):
     assert marks.has_mark_characters(reply)
 
 
+@pytest.mark.real_difies
 def test_explicit_conversation_id_for_api_users(chat):
     client = chat.client()
     raw = client.chat.completions.with_raw_response.create(model=CHAT, messages=[{"role": "user", "content": "a"}])
@@ -197,6 +200,7 @@ def test_mode_one_never_marks(harness):
     assert not marks.has_mark_characters(ask(harness, [{"role": "user", "content": "hi"}]))
 
 
+@pytest.mark.real_difies
 def test_agent_and_chatflow_apps_in_mode_two(chat):
     for model in ("Agent Bot", "Flow Bot"):
         messages = [{"role": "user", "content": "one"}]
@@ -210,4 +214,5 @@ def test_stopped_or_scripted_answers_still_carry_a_mark(make_harness):
     harness = make_harness(env=MODE2, apps=[FakeApp(key="app-m2000000000000000000000000", name="M")])
     harness.dify.script("app-m2000000000000000000000000", Text("| a | b |"), End())
     reply = ask(harness, [{"role": "user", "content": "table"}], model="M")
-    assert reply.startswith("| a | b |\n\n") and marks.has_mark_characters(reply)
+    assert marks.strip_marks(reply) == "| a | b |", "attached to the row: no line that would become a table row"
+    assert marks.has_mark_characters(reply)
