@@ -13,6 +13,7 @@ from tornado.ioloop import IOLoop
 import memory
 import tools
 from apps import CHAT_FAMILY
+from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
@@ -79,7 +80,7 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None):
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, conversations=None):
         self.dify = dify
         self.app = app
         self.request = request
@@ -88,6 +89,7 @@ class Completion:
         self.translator = translator_for(app.mode, request.model, settings)
         self.binding = binding
         self.uploads = uploads if uploads is not None else Uploads(dify)
+        self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
         self.marks_replies = (self.conversational and binding is not None and settings is not None
                               and settings.conversation_memory_mode == 2)
@@ -164,11 +166,31 @@ class Completion:
     async def start(self):
         """Builds the Dify request and opens the stream; early failures raise APIError. A client that
         left while the files were uploading gets no run at all."""
-        query = self.query()
+        self.query()
+        await self._check_conversation()
         files = await self.attachments()
         self._files = files
-        path, body = self.dify_request(query, files)
+        path, body = self.dify_request(self._with_tools(self.plan.query), files)
         self._open(path, body)
+
+    async def _check_conversation(self):
+        """Before continuing a conversation of an app whose Dify (1.13+) answers an unknown one with
+        silence, asks whether it still exists: a marked chat whose conversation is gone starts afresh
+        from the whole visible history, an explicit id that is gone is a 404, both at once."""
+        plan = self.plan
+        if not plan.conversation_id or not self.conversations.needed(self.app.mode):
+            return
+        try:
+            alive = await self.conversations.exists(self.app.key, self.user, plan.conversation_id)
+        except StreamFailure as failure:
+            raise self._failure_error(failure)
+        if alive:
+            return
+        if plan.explicit:
+            raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
+        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                 "history", self.request.model)
+        self.plan = memory.Plan("", plan.fresh_query, plan.fresh_query)
 
     def _reopen(self):
         path, body = self.dify_request(self._with_tools(self.plan.query), self._files)
