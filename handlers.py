@@ -213,7 +213,8 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
         self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                                     self.proxy.settings, binding, self.proxy.uploads, self.proxy.conversations)
+                                     self.proxy.settings, binding, self.proxy.uploads,
+                                     conversations=self.proxy.conversations)
         if self.departed:
             self.completion.cancel()
         await self.completion.start()

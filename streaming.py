@@ -331,7 +331,7 @@ class EventStreamResponse:
         tail = self.encoder.finish(completion.finish_reason())
         if completion.request.include_usage:
             tail += self.encoder.usage(completion.usage())
-        self.send(tail + ChunkEncoder.DONE)
+        self.send(tail + self.encoder.DONE)
 
     def fail(self, error):
         """Ends a committed stream that failed, whatever the failure, with an error event and `[DONE]`
@@ -344,7 +344,7 @@ class EventStreamResponse:
             log.warning("stream for model %r failed after it started: %s", self.completion.request.model, error)
         self.handler.error_code = error.code
         self.send((self.encode(self.pacer.flush()) if self.pacer is not None else b"")
-                  + self.encoder.error(error) + ChunkEncoder.DONE)
+                  + self.encoder.error(error) + self.encoder.DONE)
 
     def _awaiting_conversation(self):
         """Whether the 200 should wait for Dify's first event naming the conversation, so that the

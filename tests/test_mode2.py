@@ -113,7 +113,7 @@ def test_deleted_conversation_recovers_with_nothing_lost(chat, caplog):
     with caplog.at_level(logging.INFO):
         reply = ask(chat, messages)
     bodies = chat.chat_bodies()
-    assert bodies[-2]["conversation_id"] == old
+    assert len(bodies) == 2, "the newest-message check finds the conversation gone before Dify is asked"
     assert bodies[-1]["conversation_id"] == "" and "first" in bodies[-1]["query"]
     assert bodies[-1]["query"].startswith("<system>\nBe kind.\n</system>") and bodies[-1]["query"].endswith("second")
     assert reply.startswith("Echo: ") and marks.has_mark_characters(reply)
@@ -271,4 +271,5 @@ def test_stopped_or_scripted_answers_still_carry_a_mark(make_harness):
     harness = make_harness(env=MODE2, apps=[FakeApp(key="app-m2000000000000000000000000", name="M")])
     harness.dify.script("app-m2000000000000000000000000", Text("| a | b |"), End())
     reply = ask(harness, [{"role": "user", "content": "table"}], model="M")
-    assert reply.startswith("| a | b |\n\n") and marks.has_mark_characters(reply)
+    assert marks.strip_marks(reply) == "| a | b |", "attached to the row: no line that would become a table row"
+    assert marks.has_mark_characters(reply)
