@@ -16,6 +16,7 @@ tools...) are not offered to the model; only a `tool_choice` forcing one is an e
 
 import json
 import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_te
 CALL_ITEMS = ("function_call", "custom_tool_call")
 OUTPUT_ITEMS = ("function_call_output", "custom_tool_call_output")
 IGNORED_ITEMS = ("reasoning", "item_reference", "compaction")
+_MESSAGE_PARAM = re.compile(r"messages\[(\d+)\]")
 
 
 @dataclass
@@ -39,6 +41,17 @@ class ResponsesRequest:
     chat: ChatRequest
     previous_response_id: str = ""
     echo: dict = field(default_factory=dict)
+    origins: list = field(default_factory=list)  # per chat message, the request field it came from
+
+    def client_terms(self, error):
+        """An error about `messages[i]` (raised by the shared chat path) renamed to the input item it came from."""
+        found = _MESSAGE_PARAM.match(error.param or "")
+        if found is None or int(found.group(1)) >= len(self.origins):
+            return error
+        where, origin = found.group(0), self.origins[int(found.group(1))]
+        error.param = origin + error.param[len(where):]
+        error.message = error.message.replace(where, origin)
+        return error
 
     @property
     def model(self):
@@ -65,7 +78,8 @@ def parse_responses_request(body):
     if previous is not None and not isinstance(previous, str):
         raise bad_request("'previous_response_id' must be a string.", param="previous_response_id",
                           code="invalid_type")
-    messages = input_messages(body.get("input"), instructions)
+    origins = []
+    messages = input_messages(body.get("input"), instructions, origins)
     chat_body = {"tools": function_tools(body.get("tools")), "tool_choice": chat_tool_choice(body.get("tool_choice"))}
     if body.get("parallel_tool_calls") is not None:
         chat_body["parallel_tool_calls"] = body["parallel_tool_calls"]
@@ -76,15 +90,18 @@ def parse_responses_request(body):
     inputs = body.get("inputs")
     chat = ChatRequest(model=model, messages=messages, stream=body.get("stream") is True, user=user,
                        inputs=inputs if isinstance(inputs, dict) else {}, body=chat_body)
-    return ResponsesRequest(chat, previous or "", response_echo(body, instructions))
+    return ResponsesRequest(chat, previous or "", response_echo(body, instructions), origins)
 
 
-def input_messages(items, instructions):
-    """Chat messages for the `input` (a string or a list of items), after the instructions."""
+def input_messages(items, instructions, origins):
+    """Chat messages for the `input` (a string or a list of items), after the instructions; `origins`
+    gets the field each message came from."""
     messages = [{"role": "system", "content": instructions}] if instructions else []
+    origins[:] = ["instructions"] if instructions else []
     if isinstance(items, str):
         if not items.strip():
             raise bad_request("'input' is empty: send the text to answer.", param="input", code="invalid_value")
+        origins.append("input")
         return messages + [{"role": "user", "content": items}]
     if not isinstance(items, list) or not items:
         raise bad_request("'input' is required: a string or a non-empty array of input items.", param="input",
@@ -104,6 +121,7 @@ def input_messages(items, instructions):
             messages.append(call_output(where, item))
         elif kind not in IGNORED_ITEMS:
             log.debug("ignoring an input item of type %r", kind)
+        origins.extend([where] * (len(messages) - len(origins)))
     if not any(m["role"] != "system" for m in messages):
         raise bad_request("'input' holds no message to answer.", param="input", code="invalid_value")
     return messages

@@ -89,8 +89,9 @@ class ResponsesHandler(ChatCompletionsHandler):
         return ref
 
     def explained(self, error):
-        """Dify's 404 for a continued conversation, said in the client's terms."""
+        """An error said in the client's terms: its input items, and Dify's 404 for a continued conversation."""
         previous = self.responses.previous_response_id
+        error = self.responses.client_terms(error)
         if previous and error.status_code == 404:
             return APIError(404, f"The Dify conversation of previous_response_id '{previous}' no longer exists "
                                  "(deleted or expired in Dify). Send the whole history in 'input' without "
