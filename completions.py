@@ -104,6 +104,7 @@ class Completion:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
         self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
         self._tools_seen = None
+        self._tool_text = ""
         self._held = ""
         self.format_instructions = format_instructions(request.body.get("response_format"))
         self._visible = []
@@ -180,9 +181,9 @@ class Completion:
             seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
             known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
             self._tools_seen = seen
-            text = tools.tool_instructions(request, with_catalogue=not known)
-            if text:
-                query += "\n\n" + text
+            self._tool_text = tools.tool_instructions(request, with_catalogue=not known)
+            if self._tool_text:
+                query += "\n\n" + self._tool_text
         if self.format_instructions:
             query += "\n\n" + self.format_instructions
         return query
@@ -202,11 +203,13 @@ class Completion:
         if mode in ("completion", "workflow"):
             target = text_variable(form, given, self.settings.input_variable if self.settings else "")
             if target is not None:
+                query = self._fitted(query, next((v for v in form or () if v.name == target), None))
                 given = {**given, target: query}
             elif mode == "workflow":
                 log.debug("model %r: the workflow's input form has no free text variable; the message is not "
                           "sent (its inputs are)", self.request.model)
-        body = {"inputs": check_inputs(form, given, target), "user": self.user, "response_mode": "streaming"}
+        parts = self._text_parts() if target is not None else ()
+        body = {"inputs": check_inputs(form, given, target, parts), "user": self.user, "response_mode": "streaming"}
         if files:
             body["files"] = files
         if mode == "workflow":
@@ -217,6 +220,27 @@ class Completion:
             return "/completion-messages", body
         body.update({"query": query, "conversation_id": self.plan.conversation_id, "auto_generate_name": False})
         return "/chat-messages", body
+
+    def _fitted(self, query, variable):
+        """A forced tool's catalogue goes into a completion or workflow app's input only if it fits the
+        variable's max_length; otherwise the app gets the text without it (and answers in text)."""
+        if not self._tool_text or variable is None or not variable.max_length or len(query) <= variable.max_length:
+            return query
+        log.debug("model %r: the tool catalogue does not fit the input '%s'; sent without it", self.request.model,
+                  variable.name)
+        self.tool_request = self.tool_parser = None
+        self._tool_text = ""
+        return self._with_tools(self.plan)
+
+    def _text_parts(self):
+        """What the text for a completion or workflow app's input is made of, with lengths, so a 400
+        about its size names what made it long."""
+        parts = [(label, len(text)) for label, text in memory.folded_blocks(self.request.messages)]
+        if self._tool_text:
+            parts.append(("the tool catalogue", len(self._tool_text)))
+        if self.format_instructions:
+            parts.append(("the output format instruction", len(self.format_instructions)))
+        return parts
 
     async def start(self):
         """Builds the Dify request and opens the stream; early failures raise APIError. A client that
