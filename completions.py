@@ -14,6 +14,7 @@ import marks
 import memory
 import tools
 from apps import CHAT_FAMILY
+from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
@@ -81,7 +82,8 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True):
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
+                 conversations=None):
         self.dify = dify
         self.app = app
         self.request = request
@@ -90,6 +92,7 @@ class Completion:
         self.translator = translator_for(app.mode, request.model, settings)
         self.binding = binding
         self.uploads = uploads if uploads is not None else Uploads(dify)
+        self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
         self.marks_replies = (marks and self.conversational and binding is not None and settings is not None
@@ -101,6 +104,7 @@ class Completion:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
         self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
         self._tools_seen = None
+        self._tool_text = ""
         self._held = ""
         self.format_instructions = format_instructions(request.body.get("response_format"))
         self._visible = []
@@ -134,6 +138,8 @@ class Completion:
             self.plan = memory.plan_conversation(messages, self.binding, explicit)
             if self.plan.sits_on is not None:
                 await self._check_newest()
+            else:
+                await self._check_conversation()
         else:
             folded = memory.fold_query(messages)
             self.plan = memory.Plan("", folded, folded)
@@ -175,9 +181,9 @@ class Completion:
             seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
             known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
             self._tools_seen = seen
-            text = tools.tool_instructions(request, with_catalogue=not known)
-            if text:
-                query += "\n\n" + text
+            self._tool_text = tools.tool_instructions(request, with_catalogue=not known)
+            if self._tool_text:
+                query += "\n\n" + self._tool_text
         if self.format_instructions:
             query += "\n\n" + self.format_instructions
         return query
@@ -196,11 +202,13 @@ class Completion:
         if self.app.mode in ("completion", "workflow"):
             target = text_variable(form, given, self.settings.input_variable if self.settings else "")
             if target is not None:
+                query = self._fitted(query, next((v for v in form or () if v.name == target), None))
                 given = {**given, target: query}
             elif self.app.mode == "workflow":
                 log.debug("model %r: the workflow's input form has no free text variable; the message is not "
                           "sent (its inputs are)", self.request.model)
-        return check_inputs(form, given, target), target
+        parts = self._text_parts() if target is not None else ()
+        return check_inputs(form, given, target, parts), target
 
     def dify_request(self, query, files):
         """The Dify path and body for the app's mode. Completion and workflow apps read the user's text
@@ -220,6 +228,27 @@ class Completion:
         body.update({"query": query, "conversation_id": self.plan.conversation_id, "auto_generate_name": False})
         return "/chat-messages", body
 
+    def _fitted(self, query, variable):
+        """A forced tool's catalogue goes into a completion or workflow app's input only if it fits the
+        variable's max_length; otherwise the app gets the text without it (and answers in text)."""
+        if not self._tool_text or variable is None or not variable.max_length or len(query) <= variable.max_length:
+            return query
+        log.debug("model %r: the tool catalogue does not fit the input '%s'; sent without it", self.request.model,
+                  variable.name)
+        self.tool_request = self.tool_parser = None
+        self._tool_text = ""
+        return self._with_tools(self.plan)
+
+    def _text_parts(self):
+        """What the text for a completion or workflow app's input is made of, with lengths, so a 400
+        about its size names what made it long."""
+        parts = [(label, len(text)) for label, text in memory.folded_blocks(self.request.messages)]
+        if self._tool_text:
+            parts.append(("the tool catalogue", len(self._tool_text)))
+        if self.format_instructions:
+            parts.append(("the output format instruction", len(self.format_instructions)))
+        return parts
+
     async def start(self):
         """Builds the Dify request and opens the stream; early failures raise APIError. A client that
         left while the files were uploading gets no run at all."""
@@ -227,12 +256,31 @@ class Completion:
         # inputs before its query is planned, a completion or workflow app's (one holds the message) with it.
         if self.conversational:
             self.inputs("")
-        query = await self.query()
-        self.inputs(query)
-        files = await self.attachments()
-        self._files = files
-        path, body = self.dify_request(query, files)
+        path, body = self.dify_request(await self.query(), [])
+        self._files = await self.attachments()
+        if self._files:
+            body["files"] = self._files
         self._open(path, body)
+
+    async def _check_conversation(self):
+        """Before continuing a conversation that `_check_newest` does not check (an explicit id, a mark
+        of the first version) on an app whose Dify (1.13+) answers an unknown one with silence, asks
+        whether it still exists: an explicit id that is gone is a 404, a marked chat whose
+        conversation is gone starts afresh from the whole visible history, both at once."""
+        plan = self.plan
+        if not plan.conversation_id or not self.conversations.needed(self.app.mode):
+            return
+        try:
+            alive = await self.conversations.exists(self.app.key, self.user, plan.conversation_id)
+        except StreamFailure as failure:
+            raise self._failure_error(failure)
+        if alive:
+            return
+        if plan.explicit:
+            raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
+        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                 "history", self.request.model)
+        self.plan = plan.fresh()
 
     def _reopen(self):
         path, body = self.dify_request(self._with_tools(self.plan), self._files)

@@ -22,6 +22,7 @@ from memory import Binding
 from departures import DepartureWatch
 from dify_client import DifyClient
 from errors import APIError, generic, unauthorized
+from conversations import ConversationCheck
 from files import Uploads
 from openai_api import (LARGE_BODY_BYTES, TextChunkEncoder, completion_body, json_bytes, model_object,
                         new_completion_id, new_text_completion_id, parse_body, parse_chat_request,
@@ -43,6 +44,7 @@ class Proxy:
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
         self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
         self.uploads = Uploads.from_settings(self.dify, settings)
+        self.conversations = ConversationCheck(self.dify)
         self.refresher = None
         self.client_keys = [(hashlib.sha256(key.encode()).digest(), client_id(secret, key))
                             for key in settings.valid_api_keys]
@@ -137,7 +139,8 @@ class NotFoundHandler(BaseHandler):
 
 
 class ModelsHandler(BaseHandler):
-    def get(self):
+    async def get(self):
+        await self.proxy.registry.first_listing()
         self.write_json({"object": "list", "data": [model_object(app) for app in self.proxy.registry.all()]})
 
 
@@ -150,6 +153,12 @@ class ModelHandler(BaseHandler):
 
 
 def model_not_found(model_id, registry):
+    """A 404 naming the models there are; a 503 instead when Dify could not be reached to look the model
+    up (the DIFY_API_KEYS are then not to blame)."""
+    if registry.unreachable is not None:
+        return APIError(503, f"Dify cannot be reached ({registry.unreachable}), so the model '{model_id}' cannot be "
+                             "looked up; try again shortly.", type="server_error", code="upstream_unreachable",
+                        retry=True, retry_after=2)
     names = ", ".join(sorted(app.model_id for app in registry.all())) or "none (check the server's DIFY_API_KEYS)"
     return APIError(404, f"The model '{model_id}' does not exist. Available models: {names}.",
                     code="model_not_found", param="model")
@@ -162,8 +171,8 @@ class BoundedBody:
     A request refused before its body was read (a wrong key, a body too large) keeps its connection
     usable: SDKs pool connections, and a response sent while the body is still arriving leaves the
     rest of the body to be read as the next request (or the connection reset under the client). So
-    the body is read and dropped, up to twice MAX_REQUEST_MB, and the error answered after it; a
-    larger one is answered at once with `Connection: close`."""
+    a body of declared length up to twice MAX_REQUEST_MB is read and dropped and the error answered
+    after it; a larger or chunked one is answered at once with `Connection: close`."""
 
     refusal = None
     body_read = False
@@ -172,34 +181,28 @@ class BoundedBody:
     def prepare(self):
         self.request.connection.set_max_body_size(_UNLIMITED)  # the limit is enforced here instead
         self.request.body = bytearray()
-        self.dropped = 0
+        limit = self.proxy.settings.max_request_bytes
+        declared = self.request.headers.get("Content-Length", "")
+        declared = int(declared) if declared.isdigit() else None
         try:
             super().prepare()
-            declared = self.request.headers.get("Content-Length", "")
-            if declared.isdigit() and int(declared) > self.proxy.settings.max_request_bytes:
-                raise body_too_large(self.proxy.settings.max_request_bytes)
+            if declared is not None and declared > limit:
+                raise body_too_large(limit)
         except APIError as error:
-            declared = self.request.headers.get("Content-Length", "")
-            if not declared.isdigit() or int(declared) > self.drain_limit():
+            if declared is None or declared > 2 * limit:
                 raise
             self.refusal = error
 
-    def drain_limit(self):
-        return 2 * self.proxy.settings.max_request_bytes
-
     def data_received(self, chunk):
+        if self.refusal is not None:
+            return  # a refused body of a declared, bounded length: read and dropped
         limit = self.proxy.settings.max_request_bytes
-        if self.refusal is None and len(self.request.body) + len(chunk) > limit:
-            self.refusal = body_too_large(limit)
-            self.dropped = len(self.request.body)
-            self.request.body = bytearray()
-        if self.refusal is None:
+        if len(self.request.body) + len(chunk) > limit:  # only a chunked body, of no declared length, gets here
+            if not self.answered:
+                self.answered = True
+                self.send_error(413, exc_info=(APIError, body_too_large(limit), None))
+        else:
             self.request.body += chunk
-            return
-        self.dropped += len(chunk)
-        if self.dropped > self.drain_limit() and not self.answered:
-            self.answered = True
-            self.send_error(self.refusal.status_code, exc_info=(APIError, self.refusal, None))
 
     def refuse_unread(self):
         """Called first once the body is in: answers the refusal found while it was arriving."""
@@ -251,7 +254,8 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
         self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                                     self.proxy.settings, binding, self.proxy.uploads)
+                                     self.proxy.settings, binding, self.proxy.uploads,
+                                     conversations=self.proxy.conversations)
         if self.departed:
             self.completion.cancel()
         await self.completion.start()

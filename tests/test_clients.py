@@ -10,7 +10,7 @@ import memory
 from completions import client_id
 from config import ConfigError, settings_from
 from dify_client import DifyClient
-from fake_dify import End, ErrorEvent, Text
+from fake_dify import End, ErrorEvent, FakeApp, Text, default_parameters
 from support import CLIENT_KEY, sse_events
 
 CAPTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "open-webui-0.12.4.jsonl")
@@ -221,3 +221,57 @@ def test_client_tools_by_model_must_be_pairs(value):
     with pytest.raises(ConfigError, match="CLIENT_TOOLS_BY_MODEL"):
         settings_from({"DIFY_API_KEYS": "app-x", "DIFY_API_BASE": "http://127.0.0.1:1/v1", "VALID_API_KEYS": "k",
                        "CLIENT_TOOLS_BY_MODEL": value})
+
+
+# --------------------------------------------------------------------------- completion and workflow apps
+
+def form_app(key, name, mode, max_length):
+    parameters = {**default_parameters(mode), "user_input_form": [
+        {"paragraph": {"label": "Query", "variable": "query", "required": True, "max_length": max_length}}]}
+    return FakeApp(key=key, name=name, mode=mode, parameters=parameters)
+
+
+@pytest.fixture
+def form_apps(make_harness):
+    return make_harness(apps=[form_app("app-wf40000000000000000000000", "Flow 4000", "workflow", 4000),
+                              form_app("app-cp40000000000000000000000", "Completion 4000", "completion", 4000),
+                              form_app("app-wf20000000000000000000000", "Flow 20000", "workflow", 20000)])
+
+
+def input_sent(harness):
+    return harness.dify.requests[-1].json["inputs"]["query"]
+
+
+@pytest.mark.parametrize("model", ["Flow 4000", "Completion 4000"])
+def test_completion_and_workflow_apps_get_no_tool_catalogue(form_apps, model):
+    owui_chat_turn(form_apps, [{"role": "user", "content": "Hi Echo, please introduce yourself"}], model=model)
+    assert input_sent(form_apps) == "Hi Echo, please introduce yourself"
+    # Forced, but the catalogue does not fit the 4,000-character variable: the message alone goes.
+    owui_chat_turn(form_apps, [{"role": "user", "content": "Hi"}], model=model, tool_choice="required")
+    assert input_sent(form_apps) == "Hi"
+
+
+def test_a_forced_tool_that_fits_reaches_a_workflow(form_apps):
+    owui_chat_turn(form_apps, [{"role": "user", "content": "What time is it?"}], model="Flow 20000",
+                   tool_choice={"type": "function", "function": {"name": "get_current_timestamp"}})
+    sent = input_sent(form_apps)
+    assert sent.startswith("What time is it?\n\n# Tools\n") and "\n- get_current_timestamp() — " in sent
+    assert "calendar" not in sent and sent.endswith('You must call the tool "get_current_timestamp" in this reply; '
+                                                    'do not answer with text only.')
+
+
+def test_too_long_for_the_input_names_what_made_it_long(form_apps):
+    history = [{"role": "system", "content": "Be helpful. " * 150}]
+    for turn in range(4):
+        history += [{"role": "user", "content": f"question {turn} " + "words " * 100},
+                    {"role": "assistant", "content": "answer " * 60}]
+    history.append({"role": "user", "content": "Hi Echo, please introduce yourself"})
+    body = {**captured()[1], "model": "Flow 4000", "messages": history}
+    status, _, raw = form_apps.raw("POST", "/v1/chat/completions", body)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == "inputs.query"
+    message = error["message"]
+    assert "8 earlier messages (4,308)" in message and "the system prompt (1,8" in message
+    assert "the new message (34)" in message and "at most 4000" in message and "tool" not in message
+    assert message.index("earlier messages") < message.index("system prompt") < message.index("new message")
+    assert not form_apps.dify.requests_to("/workflows/run")
