@@ -11,14 +11,17 @@ import logging
 
 from tornado.ioloop import IOLoop
 
+import marks
 import memory
 import tools
 from apps import CHAT_FAMILY
+from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
+from output_format import format_instructions
 
 log = logging.getLogger("opendify.completions")
 
@@ -81,7 +84,8 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None):
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
+                 conversations=None):
         self.dify = dify
         self.app = app
         self.request = request
@@ -90,15 +94,21 @@ class Completion:
         self.translator = translator_for(app.mode, request.model, settings)
         self.binding = binding
         self.uploads = uploads if uploads is not None else Uploads(dify)
+        self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
-        self.marks_replies = (self.conversational and binding is not None and settings is not None
+        # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
+        self.marks_replies = (marks and self.conversational and binding is not None and settings is not None
                               and settings.conversation_memory_mode == 2)
         self.plan = None
         try:
-            self.tool_request = tools.tool_request(request.body)
+            self.tool_request = self._kept_tools(tools.tool_request(request.body))
         except tools.ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
         self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
+        self._tools_seen = None
+        self._tool_text = ""
+        self._held = ""
+        self.format_instructions = format_instructions(request.body.get("response_format"))
         self._visible = []
         self._calls = []
         self.answer_length = 0
@@ -113,7 +123,16 @@ class Completion:
         self._backlog = None  # events of a long burst still to translate, from _backlog_at on
         self._backlog_at = 0
 
-    def query(self):
+    def _kept_tools(self, requested):
+        """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
+        for completion and workflow apps (not chat agents) only a call the request forces."""
+        policy = self.settings.client_tools_for(self.request.model) if self.settings is not None else "all"
+        kept = tools.for_policy(requested, policy)
+        if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
+            return None
+        return kept
+
+    async def query(self):
         """The text Dify is asked: in mode 1 the whole transcript folded into it; in mode 2 (or with an
         explicit conversation id) only the turns Dify's conversation has not seen; plus, when the
         client offers tools, how to call them."""
@@ -121,18 +140,57 @@ class Completion:
         explicit = self.request.conversation_id if self.conversational else ""
         if self.marks_replies or explicit:
             self.plan = memory.plan_conversation(messages, self.binding, explicit)
+            if self.plan.sits_on is not None:
+                await self._check_newest()
+            else:
+                await self._check_conversation()
         else:
             folded = memory.fold_query(messages)
             self.plan = memory.Plan("", folded, folded)
         if not self.plan.fresh_query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")
-        return self._with_tools(self.plan.query)
+        return self._with_tools(self.plan)
 
-    def _with_tools(self, query):
-        if self.tool_request is None:
-            return query
-        return query + "\n\n" + tools.tool_instructions(self.tool_request)
+    async def _check_newest(self):
+        """Continue a marked conversation only if the marked reply is still its newest message in Dify:
+        after a regenerate or an edit of the last turn Dify holds a discarded answer after it, and after
+        a deletion nothing; both start a fresh conversation from the whole visible chat."""
+        model = self.request.model
+        try:
+            latest = await self.dify.latest_message(self.app.key, self.plan.conversation_id, self.user)
+        except (DifyError, StreamFailure) as error:
+            log.warning("model %r: could not read the Dify conversation's newest message (%s); continuing it "
+                        "unchecked", model, getattr(error, "status", None) or getattr(error, "kind", ""))
+            return
+        if latest is None:
+            log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                     "history", model)
+            self.plan = self.plan.fresh()
+        elif not memory.is_newest(self.plan, latest.get("id"), self.binding):
+            log.info("model %r: the chat's last turn was regenerated or edited; starting a fresh Dify "
+                     "conversation from the full history", model)
+            self.plan = self.plan.fresh()
+
+    def _with_tools(self, plan):
+        """The plan's query with what the client asks of the answer's form: its tools (in a continued
+        conversation that already has this exact catalogue, only the turn's tool_choice rule), then
+        its output format."""
+        query = plan.query
+        request = self.tool_request
+        if request is None:
+            self._tools_seen = plan.tools_seen if plan.conversation_id else None
+        else:
+            catalogue = tools.catalogue(request)
+            seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
+            known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
+            self._tools_seen = seen
+            self._tool_text = tools.tool_instructions(request, with_catalogue=not known)
+            if self._tool_text:
+                query += "\n\n" + self._tool_text
+        if self.format_instructions:
+            query += "\n\n" + self.format_instructions
+        return query
 
     async def attachments(self):
         """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""
@@ -149,11 +207,13 @@ class Completion:
         if mode in ("completion", "workflow"):
             target = text_variable(form, given, self.settings.input_variable if self.settings else "")
             if target is not None:
+                query = self._fitted(query, next((v for v in form or () if v.name == target), None))
                 given = {**given, target: query}
             elif mode == "workflow":
                 log.debug("model %r: the workflow's input form has no free text variable; the message is not "
                           "sent (its inputs are)", self.request.model)
-        body = {"inputs": check_inputs(form, given, target), "user": self.user, "response_mode": "streaming"}
+        parts = self._text_parts() if target is not None else ()
+        body = {"inputs": check_inputs(form, given, target, parts), "user": self.user, "response_mode": "streaming"}
         if files:
             body["files"] = files
         if mode == "workflow":
@@ -165,17 +225,58 @@ class Completion:
         body.update({"query": query, "conversation_id": self.plan.conversation_id, "auto_generate_name": False})
         return "/chat-messages", body
 
+    def _fitted(self, query, variable):
+        """A forced tool's catalogue goes into a completion or workflow app's input only if it fits the
+        variable's max_length; otherwise the app gets the text without it (and answers in text)."""
+        if not self._tool_text or variable is None or not variable.max_length or len(query) <= variable.max_length:
+            return query
+        log.debug("model %r: the tool catalogue does not fit the input '%s'; sent without it", self.request.model,
+                  variable.name)
+        self.tool_request = self.tool_parser = None
+        self._tool_text = ""
+        return self._with_tools(self.plan)
+
+    def _text_parts(self):
+        """What the text for a completion or workflow app's input is made of, with lengths, so a 400
+        about its size names what made it long."""
+        parts = [(label, len(text)) for label, text in memory.folded_blocks(self.request.messages)]
+        if self._tool_text:
+            parts.append(("the tool catalogue", len(self._tool_text)))
+        if self.format_instructions:
+            parts.append(("the output format instruction", len(self.format_instructions)))
+        return parts
+
     async def start(self):
         """Builds the Dify request and opens the stream; early failures raise APIError. A client that
         left while the files were uploading gets no run at all."""
-        query = self.query()
+        query = await self.query()
         files = await self.attachments()
         self._files = files
         path, body = self.dify_request(query, files)
         self._open(path, body)
 
+    async def _check_conversation(self):
+        """Before continuing a conversation that `_check_newest` does not check (an explicit id, a mark
+        of the first version) on an app whose Dify (1.13+) answers an unknown one with silence, asks
+        whether it still exists: an explicit id that is gone is a 404, a marked chat whose
+        conversation is gone starts afresh from the whole visible history, both at once."""
+        plan = self.plan
+        if not plan.conversation_id or not self.conversations.needed(self.app.mode):
+            return
+        try:
+            alive = await self.conversations.exists(self.app.key, self.user, plan.conversation_id)
+        except StreamFailure as failure:
+            raise self._failure_error(failure)
+        if alive:
+            return
+        if plan.explicit:
+            raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
+        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                 "history", self.request.model)
+        self.plan = plan.fresh()
+
     def _reopen(self):
-        path, body = self.dify_request(self._with_tools(self.plan.query), self._files)
+        path, body = self.dify_request(self._with_tools(self.plan), self._files)
         self._open(path, body)
 
     def _open(self, path, body):
@@ -191,7 +292,7 @@ class Completion:
         if error.status == 404 and self.plan.conversation_id and not self.plan.explicit:
             log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
                      "history", self.request.model)
-            self.plan = memory.Plan("", self.plan.fresh_query, self.plan.fresh_query)
+            self.plan = self.plan.fresh()
         elif error.status == 400 and self._files and "upload file" in error.message.lower():
             log.info("model %r: Dify no longer has a cached upload; uploading the files again", self.request.model)
             self.uploads.cache.forget(self.app.key, self.user)
@@ -246,6 +347,7 @@ class Completion:
             pieces = self._parse_tools(pieces)
         if self.marks_replies:
             self._remember(pieces)
+            pieces = self._hold_trailing_space(pieces)
         if translator.done:
             pieces.extend(self._closing_pieces())
         return pieces
@@ -290,12 +392,40 @@ class Completion:
             self.called_tools = self.tool_parser.called
         if self.marks_replies:
             self._remember(closing)
-            conversation_id = self.translator.conversation_id
-            if conversation_id:
-                mark = memory.reply_mark(conversation_id, self.request.messages, "".join(self._visible),
-                                         self._calls, self.binding)
-                closing.append((MARK, mark))
+            closing = self._hold_trailing_space(closing)
+            closing.append(self._mark_piece())
         return closing
+
+    def _hold_trailing_space(self, pieces):
+        """Mode 2: whitespace at the end of the text so far waits, so the mark can be attached to the
+        end of the last line and the visible reply still ends exactly as Dify's answer did."""
+        out = []
+        for kind, value in pieces:
+            if kind is CONTENT:
+                text = self._held + value
+                body = text.rstrip()
+                self._held = text[len(body):]
+                if body:
+                    out.append((kind, body))
+            else:
+                if kind is REPLACE:
+                    self._held = ""
+                out.append((kind, value))
+        return out
+
+    def _mark_piece(self):
+        """The mark that ends the reply with the held whitespace: attached to the last line, or on a
+        line of its own where appending would change how the last line renders (marks.mark_placement)."""
+        held, self._held = self._held, ""
+        conversation_id = self.translator.conversation_id
+        if not conversation_id:
+            return CONTENT, held
+        visible = "".join(self._visible)
+        mark = memory.reply_mark(conversation_id, self.translator.message_id, self._tools_seen,
+                                 self.request.messages, visible, self._calls, self.binding)
+        if marks.mark_placement(visible) == "inline":
+            return MARK, mark + held
+        return MARK, held + ("" if "\n" in held else "\n") + mark
 
     def _remember(self, pieces):
         """The reply as the client will resend it, to bind the mark to it."""

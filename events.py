@@ -318,6 +318,7 @@ class AnswerTranslator:
         self.model = model
         self.usage = None
         self.conversation_id = None
+        self.message_id = None
         self.done = False
         self.replaced = False
         self.failure = None
@@ -341,6 +342,8 @@ class AnswerTranslator:
         name = event.get("event")
         if self.conversation_id is None:
             self._learn_conversation(event)
+        if self.message_id is None:
+            self._learn_message(event)
         answer = event.get("answer")
         if answer.__class__ is str and name not in _NOT_TEXT:
             if name == "agent_message":
@@ -359,6 +362,12 @@ class AnswerTranslator:
         found = event.get("conversation_id")
         if found and found.__class__ is str:
             self.conversation_id = found
+
+    def _learn_message(self, event):
+        """The run's Dify message id, from the first event that names it (a Responses API id is made of it)."""
+        found = event.get("message_id")
+        if found and found.__class__ is str:
+            self.message_id = found
 
     # Events.
 

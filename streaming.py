@@ -344,7 +344,7 @@ class EventStreamResponse:
         tail = self.encoder.finish(completion.finish_reason())
         if completion.request.include_usage:
             tail += self.encoder.usage(completion.usage())
-        self.send(tail + ChunkEncoder.DONE)
+        self.send(tail + self.encoder.DONE)
 
     def fail(self, error):
         """Ends a committed stream that failed, whatever the failure, with an error event and `[DONE]`
@@ -357,7 +357,7 @@ class EventStreamResponse:
             log.warning("stream for model %r failed after it started: %s", self.completion.request.model, error)
         self.handler.error_code = error.code
         self.send((self.encode(self.pacer.flush()) if self.pacer is not None else b"")
-                  + self.encoder.error(error) + ChunkEncoder.DONE)
+                  + self.encoder.error(error) + self.encoder.DONE)
 
     async def _wait_for_room(self):
         """Back-pressure: waits until the client's socket has taken what was written, at most the stall

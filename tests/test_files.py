@@ -126,6 +126,7 @@ def test_a_data_url_name_becomes_the_filename_with_the_real_extension(harness):
     assert upload.filename == "holiday photo.jpg" and upload.mime == "image/jpeg"
 
 
+@pytest.mark.real_difies
 def test_several_images_upload_concurrently_and_keep_their_order(harness):
     harness.dify.upload_rendezvous = 3
     images = [png(), JPEG, GIF]
@@ -142,6 +143,7 @@ def test_image_only_message_still_asks_something(harness):
     assert sent["query"].strip() and "base64" not in sent["query"] and len(sent["files"]) == 1
 
 
+@pytest.mark.real_difies
 def test_agent_apps_get_the_attachments_too(harness):
     answer = chat(harness, user(image(data_url(png())), image("https://example.com/cat.png")), model=AGENT,
                   stream=True)
@@ -164,6 +166,7 @@ def test_only_the_new_turn_is_attached_and_history_holds_placeholders(harness):
     assert base64.b64encode(old).decode()[:12] not in sent["query"]
 
 
+@pytest.mark.real_difies
 def test_attachments_in_memory_mode_2(make_harness):
     harness = make_harness(env={"CONVERSATION_MEMORY_MODE": "2"})
     first = chat(harness, user(text="Hello"))
@@ -453,6 +456,7 @@ def test_input_audio_in_the_wrong_format_is_400(make_harness):
 
 # --- the upload cache -------------------------------------------------------------------------
 
+@pytest.mark.real_difies
 def test_a_resent_image_is_not_uploaded_again_but_another_client_gets_its_own(harness):
     conversation = [user(image(data_url(png())))]
     chat(harness, *conversation)
@@ -639,6 +643,7 @@ def test_attachment_settings():
             settings_from({**base, name: bad})
 
 
+@pytest.mark.real_difies
 def test_an_upload_dify_lost_is_sent_again_once(harness):
     message = user(image(data_url(png())))
     chat(harness, message)
