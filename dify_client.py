@@ -483,9 +483,10 @@ class EventStream(Response):
 
     def _hold_back(self, size):
         """Back-pressure: while the reader (a client that is not reading) leaves events waiting, Dify's
-        connection is not read; the reader's next take lets it in again."""
+        connection is not read; the reader's next take lets it in again. Only while events wait: bytes
+        of one long event still arriving have no reader to let them in."""
         self._queued += size
-        if self._queued > _QUEUE_LIMIT and not self._paused and self._connection is not None:
+        if self._queued > _QUEUE_LIMIT and self._events and not self._paused and self._connection is not None:
             self._paused = True
             self._connection.transport.pause_reading()
 

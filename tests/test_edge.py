@@ -333,3 +333,18 @@ def test_a_bad_app_input_is_refused_before_a_mode_2_conversation_check(make_harn
                                                                  user("two")]})
     assert status == 400 and body["error"]["param"] == "inputs.city"
     assert len(harness.dify.requests) == calls  # not even the conversation's newest message was read
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_one_dify_event_longer_than_the_back_pressure_queue_arrives(harness, stream):
+    """A single text event of ~500 KB spans many reads before it completes; no reader is waiting on
+    events then, so the stream must not pause (it did, and the request hung)."""
+    text = "x" * 1_500_000
+    for _ in range(3):
+        client = harness.client()
+        if stream:
+            chunks = client.chat.completions.create(model=CHAT, messages=[user(text)], stream=True)
+            answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        else:
+            answer = client.chat.completions.create(model=CHAT, messages=[user(text)]).choices[0].message.content
+        assert answer == "Echo: " + text
