@@ -127,3 +127,34 @@ def test_a_chat_app_with_the_new_file_setting_is_still_a_chat_app(make_harness, 
                   "user_input_form": []}
     harness = make_harness(apps=[FakeApp(key="app-newchat000000000000000000", name="New", parameters=parameters)])
     assert harness.proxy.registry.get("New").mode == "chat"
+
+
+# --- slow starts (issue 12 item 4, R2) --------------------------------------------------------
+
+SLOW_START = {"KEEPALIVE_INTERVAL": "0.2", "DIFY_IDLE_TIMEOUT": "1.5"}
+
+
+@pytest.mark.parametrize("dify_profile", ["1.13"])
+def test_a_run_queued_for_a_worker_gets_keepalives_and_is_not_cut(make_harness, dify_profile):
+    harness = make_harness(env=SLOW_START)
+    harness.dify.queue_delay = 1.2  # under DIFY_IDLE_TIMEOUT: one initial ping, then 1.2 s of nothing
+    status, _, body = harness.raw("POST", "/v1/chat/completions", {
+        "model": FLOW, "stream": True, "messages": [{"role": "user", "content": "wait"}]})
+    assert status == 200 and len(sse_comments(body)) >= 3
+    assert body.index(b": keep-alive") < body.index(b"Echo")
+    events = sse_events(body)
+    assert events[-1] == "[DONE]" and "".join(
+        e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"]) == "Echo: wait"
+
+
+@pytest.mark.parametrize("dify_profile", ["1.13"])
+def test_a_queue_longer_than_the_idle_timeout_ends_with_a_clear_error(make_harness, dify_profile):
+    harness = make_harness(env=SLOW_START)
+    harness.dify.queue_delay = 4
+    started = time.monotonic()
+    status, _, body = harness.raw("POST", "/v1/chat/completions", {
+        "model": FLOW, "stream": True, "messages": [{"role": "user", "content": "wait"}]})
+    assert 1.4 < time.monotonic() - started < 3.5
+    assert status == 200 and sse_comments(body)
+    error = sse_events(body)[-2]["error"]
+    assert error["code"] == "upstream_timeout" and "1.5 s" in error["message"] and sse_events(body)[-1] == "[DONE]"
