@@ -4,6 +4,7 @@ Dify is always asked to stream, even when the client wants one JSON body: agent 
 only stream, and Dify Cloud cuts blocking calls after about 100 s.
 """
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -25,6 +26,7 @@ from output_format import format_instructions
 log = logging.getLogger("opendify.completions")
 
 _MAX_USER_FIELD = 64
+_SLICE = 256  # events translated per turn of the loop: a long burst from Dify must not hold it for others
 _STOP_KINDS = {"completion": "completion", "workflow": "workflow"}
 
 
@@ -118,6 +120,8 @@ class Completion:
         self._pending_error = None
         self._retried = False
         self._files = []
+        self._backlog = None  # events of a long burst still to translate, from _backlog_at on
+        self._backlog_at = 0
 
     def _kept_tools(self, requested):
         """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
@@ -307,7 +311,7 @@ class Completion:
         if translator.done or self._cancelled:
             return None
         try:
-            events = await self._stream.next_events()
+            events = await self._next_events()
         except DifyError as error:
             if await self._retry(error):
                 return await self.next_pieces()
@@ -347,6 +351,23 @@ class Completion:
         if translator.done:
             pieces.extend(self._closing_pieces())
         return pieces
+
+    async def _next_events(self):
+        """The next events to translate: a long burst is taken a slice at a time, yielding to the loop
+        between slices, so that other streams and requests are served while it is translated."""
+        if self._backlog is not None:
+            await asyncio.sleep(0)
+            events, start = self._backlog, self._backlog_at
+        else:
+            events, start = await self._stream.next_events(), 0
+            if events is None or len(events) <= _SLICE:
+                return events
+        end = start + _SLICE
+        if end >= len(events):
+            self._backlog = None
+        else:
+            self._backlog, self._backlog_at = events, end
+        return events[start:end]
 
     def _parse_tools(self, pieces):
         """Answer text through the tool-call parser: calls come out as TOOL_CALL pieces, never as text."""
