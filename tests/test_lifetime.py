@@ -6,6 +6,7 @@ error ending with `[DONE]`, and a Dify run nobody will read is stopped.
 """
 
 import asyncio
+import os
 import base64
 import json
 import socket
@@ -181,7 +182,7 @@ _STEP = st.one_of(_EVENT, _ERROR_EVENT, st.builds(Text, st.text(max_size=6)), st
 _ENDING = st.sampled_from([[], [End()], [ErrorEvent()], [Drop(delay=0)]])
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("LIFETIME_EXAMPLES", "100")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(model=st.sampled_from(["Chat Bot", "Agent Bot", "Flow Bot"]), steps=st.lists(_STEP, max_size=6),
        ending=_ENDING, stream=st.booleans())
 def test_any_event_order_ends_in_an_answer_or_a_clear_error(harness, model, steps, ending, stream):
