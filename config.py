@@ -48,6 +48,7 @@ class Settings:
     smooth_frame: float = 0.02
     client_tools: str = "all"
     client_tools_by_model: tuple = ()
+    task_model: str = ""
 
     def client_tools_for(self, model):
         """The CLIENT_TOOLS policy for a model: its CLIENT_TOOLS_BY_MODEL entry, else CLIENT_TOOLS."""
@@ -161,6 +162,7 @@ def settings_from(env):
         smooth_frame=_number(env, "SMOOTH_FRAME_MS", 20, int, 5, 100) / 1000,
         client_tools=_choice(env, "CLIENT_TOOLS", "all", _TOOL_POLICIES),
         client_tools_by_model=_tools_by_model(env),
+        task_model=env.get("TASK_MODEL", "").strip(),
     )
 
 
