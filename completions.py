@@ -4,6 +4,7 @@ Dify is always asked to stream, even when the client wants one JSON body: agent 
 only stream, and Dify Cloud cuts blocking calls after about 100 s.
 """
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -15,6 +16,7 @@ import memory
 import tasks
 import tools
 from apps import CHAT_FAMILY
+from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
@@ -25,6 +27,7 @@ from output_format import format_instructions
 log = logging.getLogger("opendify.completions")
 
 _MAX_USER_FIELD = 64
+_SLICE = 256  # events translated per turn of the loop: a long burst from Dify must not hold it for others
 _STOP_KINDS = {"completion": "completion", "workflow": "workflow"}
 
 
@@ -82,7 +85,12 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
+<<<<<<< HEAD
     def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True, task=None):
+=======
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
+                 conversations=None):
+>>>>>>> main
         self.dify = dify
         self.task = task
         self.app = app
@@ -92,6 +100,7 @@ class Completion:
         self.translator = translator_for(app.mode, request.model, settings)
         self.binding = binding
         self.uploads = uploads if uploads is not None else Uploads(dify)
+        self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
         self.marks_replies = (marks and task is None and self.conversational and binding is not None and settings is not None
@@ -117,6 +126,8 @@ class Completion:
         self._pending_error = None
         self._retried = False
         self._files = []
+        self._backlog = None  # events of a long burst still to translate, from _backlog_at on
+        self._backlog_at = 0
 
     def _kept_tools(self, requested):
         """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
@@ -139,6 +150,8 @@ class Completion:
             self.plan = memory.plan_conversation(messages, self.binding, explicit)
             if self.plan.sits_on is not None:
                 await self._check_newest()
+            else:
+                await self._check_conversation()
         else:
             folded = memory.fold_query(messages)
             self.plan = memory.Plan("", folded, folded)
@@ -250,6 +263,26 @@ class Completion:
         path, body = self.dify_request(query, files)
         self._open(path, body)
 
+    async def _check_conversation(self):
+        """Before continuing a conversation that `_check_newest` does not check (an explicit id, a mark
+        of the first version) on an app whose Dify (1.13+) answers an unknown one with silence, asks
+        whether it still exists: an explicit id that is gone is a 404, a marked chat whose
+        conversation is gone starts afresh from the whole visible history, both at once."""
+        plan = self.plan
+        if not plan.conversation_id or not self.conversations.needed(self.app.mode):
+            return
+        try:
+            alive = await self.conversations.exists(self.app.key, self.user, plan.conversation_id)
+        except StreamFailure as failure:
+            raise self._failure_error(failure)
+        if alive:
+            return
+        if plan.explicit:
+            raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
+        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                 "history", self.request.model)
+        self.plan = plan.fresh()
+
     def _reopen(self):
         path, body = self.dify_request(self._with_tools(self.plan), self._files)
         self._open(path, body)
@@ -286,7 +319,7 @@ class Completion:
         if translator.done or self._cancelled:
             return None
         try:
-            events = await self._stream.next_events()
+            events = await self._next_events()
         except DifyError as error:
             if await self._retry(error):
                 return await self.next_pieces()
@@ -326,6 +359,23 @@ class Completion:
         if translator.done:
             pieces.extend(self._closing_pieces())
         return pieces
+
+    async def _next_events(self):
+        """The next events to translate: a long burst is taken a slice at a time, yielding to the loop
+        between slices, so that other streams and requests are served while it is translated."""
+        if self._backlog is not None:
+            await asyncio.sleep(0)
+            events, start = self._backlog, self._backlog_at
+        else:
+            events, start = await self._stream.next_events(), 0
+            if events is None or len(events) <= _SLICE:
+                return events
+        end = start + _SLICE
+        if end >= len(events):
+            self._backlog = None
+        else:
+            self._backlog, self._backlog_at = events, end
+        return events[start:end]
 
     def _parse_tools(self, pieces):
         """Answer text through the tool-call parser: calls come out as TOOL_CALL pieces, never as text."""

@@ -46,6 +46,7 @@ class Settings:
     smooth_streaming: bool = True
     smooth_max_lag: float = 0.4
     smooth_frame: float = 0.02
+    client_stall_timeout: float = 60.0
     client_tools: str = "all"
     client_tools_by_model: tuple = ()
     task_model: str = ""
@@ -160,6 +161,7 @@ def settings_from(env):
         smooth_streaming=_choice(env, "SMOOTH_STREAMING", "on", ("on", "off")) == "on",
         smooth_max_lag=_number(env, "SMOOTH_MAX_LAG_MS", 400, int, 0, 2000) / 1000,
         smooth_frame=_number(env, "SMOOTH_FRAME_MS", 20, int, 5, 100) / 1000,
+        client_stall_timeout=_number(env, "CLIENT_STALL_TIMEOUT", 60.0, float, 0.1, 3600),
         client_tools=_choice(env, "CLIENT_TOOLS", "all", _TOOL_POLICIES),
         client_tools_by_model=_tools_by_model(env),
         task_model=env.get("TASK_MODEL", "").strip(),

@@ -21,6 +21,7 @@ from memory import Binding
 from departures import DepartureWatch
 from dify_client import DifyClient
 from errors import APIError, generic
+from conversations import ConversationCheck
 from files import Uploads
 from openai_api import (TextChunkEncoder, completion_body, model_object, new_completion_id, new_text_completion_id,
                         parse_body, parse_chat_request, parse_text_completion_request, text_completion_body)
@@ -43,6 +44,7 @@ class Proxy:
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
         self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
         self.uploads = Uploads.from_settings(self.dify, settings)
+        self.conversations = ConversationCheck(self.dify)
         self.refresher = None
         self.client_keys = [(hashlib.sha256(key.encode()).digest(), client_id(secret, key))
                             for key in settings.valid_api_keys]
@@ -130,7 +132,8 @@ class NotFoundHandler(BaseHandler):
 
 
 class ModelsHandler(BaseHandler):
-    def get(self):
+    async def get(self):
+        await self.proxy.registry.first_listing()
         self.write_json({"object": "list", "data": [model_object(app) for app in self.proxy.registry.all()]})
 
 
@@ -143,6 +146,12 @@ class ModelHandler(BaseHandler):
 
 
 def model_not_found(model_id, registry):
+    """A 404 naming the models there are; a 503 instead when Dify could not be reached to look the model
+    up (the DIFY_API_KEYS are then not to blame)."""
+    if registry.unreachable is not None:
+        return APIError(503, f"Dify cannot be reached ({registry.unreachable}), so the model '{model_id}' cannot be "
+                             "looked up; try again shortly.", type="server_error", code="upstream_unreachable",
+                        retry=True, retry_after=2)
     names = ", ".join(sorted(app.model_id for app in registry.all())) or "none (check the server's DIFY_API_KEYS)"
     return APIError(404, f"The model '{model_id}' does not exist. Available models: {names}.",
                     code="model_not_found", param="model")
@@ -210,7 +219,8 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             app, kind = await self.task_runner(app, task, request.messages)
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
         self.completion = kind(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                               self.proxy.settings, binding, self.proxy.uploads, task=task)
+                               self.proxy.settings, binding, self.proxy.uploads, task=task,
+                               conversations=self.proxy.conversations)
         if self.departed:
             self.completion.cancel()
         await self.completion.start()
