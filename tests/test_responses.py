@@ -290,6 +290,7 @@ CODEX_EXTRAS = [{"type": "web_search", "external_web_access": False},
                 {"type": "custom", "name": "apply_patch", "format": {"type": "grammar", "syntax": "lark",
                                                                       "definition": "start: /.+/"}}]
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+EXEC_CALL = '<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo codex-was-here"}}\n</tool_call>'
 
 
 def test_function_tools_are_offered_and_other_types_left_out(harness):
@@ -458,3 +459,46 @@ def test_get_a_response_whose_history_dify_does_not_keep(modes):
     with pytest.raises(openai.NotFoundError) as caught:
         modes.client().responses.retrieve(chat.id)
     assert "no longer exists" in caught.value.message
+
+
+# --- captured client requests, replayed -------------------------------------------------------------
+
+def captured(name):
+    with open(os.path.join(os.path.dirname(__file__), "data", name)) as lines:
+        return [json.loads(line) for line in lines]
+
+
+def test_codex_requests_replayed(harness):
+    """Codex CLI 0.171.0's two requests of a tool loop (captured from `codex exec` against this proxy):
+    developer messages, web_search and namespace tools, store: false, reasoning, client_metadata."""
+    first, second = captured("codex-0.171.0-requests.jsonl")
+    harness.dify.script(harness.key_of(CHAT), Text("I will run it. ", EXEC_CALL), End())
+    events = sse(post(harness, {**first, "model": CHAT})[2])
+    (call,) = [e["item"] for e in events if e["type"] == "response.output_item.done"
+               and e["item"]["type"] == "function_call"]
+    assert call["name"] == "exec_command" and json.loads(call["arguments"]) == {"cmd": "echo codex-was-here"}
+    query = harness.chat_bodies()[-1]["query"]
+    assert query.startswith("<system>\nYou are a coding agent running in the Codex CLI")
+    assert "<skills_instructions>" in query.split("</system>")[0], "both developer messages are system text"
+    assert "- exec_command(cmd: string" in query and "multi_agent_v1" not in query
+    events = sse(post(harness, {**second, "model": CHAT})[2])
+    assert events[-1]["type"] == "response.completed"
+    query = harness.chat_bodies()[-1]["query"]
+    call_at = query.index('<tool_call>\n{"id": "call_mZXHgC02zuSOhPM5DF7L1W7c", "name": "exec_command"')
+    result_at = query.index('<tool_result id="call_mZXHgC02zuSOhPM5DF7L1W7c" name="exec_command">')
+    assert query.index("I will run it.") < call_at < result_at and "codex-was-here" in query[result_at:]
+
+
+def test_agents_sdk_requests_replayed(harness):
+    """The OpenAI Agents SDK 0.24.0's two requests of a tool loop (its default Responses model, captured):
+    `instructions`, strict function tools, the call and its output resent as items."""
+    first, second = captured("openai-agents-0.24.0-requests.jsonl")
+    harness.dify.script(harness.key_of(CHAT), Text(CALL), End())
+    response = check_response(json.loads(post(harness, first)[2]))
+    assert response["output"][-1]["type"] == "function_call" and response["instructions"] == "Help with the weather."
+    assert response["tools"][0]["name"] == "get_weather" and response["tools"][0]["strict"] is True
+    post(harness, second)
+    query = harness.chat_bodies()[-1]["query"]
+    assert query.startswith("<system>\nHelp with the weather.\n</system>\n\n<history>\n<user>\nWeather in Paris?")
+    assert query.index('"id": "call_IDR7oJc4hTfCjgN5TWLV9Avu", "name": "get_weather"') < query.index(
+        '<tool_result id="call_IDR7oJc4hTfCjgN5TWLV9Avu" name="get_weather">\n18 C and sunny in Paris\n</tool_result>')
