@@ -85,12 +85,8 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-<<<<<<< HEAD
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True, task=None):
-=======
     def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
-                 conversations=None):
->>>>>>> main
+                 conversations=None, task=None):
         self.dify = dify
         self.task = task
         self.app = app
