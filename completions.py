@@ -13,6 +13,7 @@ from tornado.ioloop import IOLoop
 
 import marks
 import memory
+import tasks
 import tools
 from apps import CHAT_FAMILY
 from conversations import ConversationCheck
@@ -85,8 +86,9 @@ class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
     def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
-                 conversations=None):
+                 conversations=None, task=None):
         self.dify = dify
+        self.task = task
         self.app = app
         self.request = request
         self.user = user
@@ -97,7 +99,7 @@ class Completion:
         self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
-        self.marks_replies = (marks and self.conversational and binding is not None and settings is not None
+        self.marks_replies = (marks and task is None and self.conversational and binding is not None and settings is not None
                               and settings.conversation_memory_mode == 2)
         self.plan = None
         try:
@@ -126,6 +128,8 @@ class Completion:
     def _kept_tools(self, requested):
         """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
         for completion and workflow apps (not chat agents) only a call the request forces."""
+        if self.task is not None:
+            return None  # a background task is answered in text, whatever tools came with it
         policy = self.settings.client_tools_for(self.request.model) if self.settings is not None else "all"
         kept = tools.for_policy(requested, policy)
         if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
@@ -137,7 +141,7 @@ class Completion:
         explicit conversation id) only the turns Dify's conversation has not seen; plus, when the
         client offers tools, how to call them."""
         messages = self.request.messages
-        explicit = self.request.conversation_id if self.conversational else ""
+        explicit = self.request.conversation_id if self.conversational and self.task is None else ""
         if self.marks_replies or explicit:
             self.plan = memory.plan_conversation(messages, self.binding, explicit)
             if self.plan.sits_on is not None:
@@ -440,7 +444,8 @@ class Completion:
 
     @property
     def conversation_id(self):
-        return self.translator.conversation_id if self.conversational else None
+        """The Dify conversation the client may continue; none for a background task (its own is deleted)."""
+        return self.translator.conversation_id if self.conversational and self.task is None else None
 
     async def collect(self):
         """The whole answer, for a non-streaming client."""
@@ -484,6 +489,8 @@ class Completion:
         if self._closed:
             return
         self._closed = True
+        if self.task is not None and self.conversational and self.translator.conversation_id:
+            IOLoop.current().spawn_callback(self._discard, self.translator.conversation_id)
         stream = self._stream
         if stream is None or self.translator.done and not self._cancelled:
             return  # a finished answer's response ends by itself, and its connection is reused
@@ -491,6 +498,15 @@ class Completion:
         task_id = stream.task_id
         if task_id and not self.translator.done:
             IOLoop.current().spawn_callback(self._stop, task_id)
+
+    async def _discard(self, conversation_id):
+        """A background task's one-shot Dify conversation is deleted once answered: it must not litter the
+        user's conversation list in Dify."""
+        try:
+            await self.dify.delete_conversation(self.app.key, conversation_id, self.user)
+        except (DifyError, StreamFailure) as error:
+            log.warning("model %r: deleting a background task's Dify conversation failed (%s)", self.request.model,
+                        getattr(error, "status", None) or getattr(error, "kind", ""))
 
     async def _stop(self, task_id):
         reason = "client left" if self._cancelled else "answer ended early"
@@ -515,3 +531,18 @@ class Completion:
         if failure.kind == "malformed":
             return upstream_broken(model, failure.detail)
         return upstream_broken(model, "closed the connection before the answer was complete")
+
+
+class LocalAnswer(Completion):
+    """A background task answered by the proxy itself (TASK_MODEL=local): no Dify run, no cost."""
+
+    async def start(self):
+        self._local = tasks.local_answer(self.task, self.request.messages) or ""
+        self.query_length = sum(len(tasks.message_text(m.get("content"))) for m in self.request.messages)
+
+    async def next_pieces(self):
+        if self._local is None or self._cancelled:
+            return None
+        text, self._local = self._local, None
+        self.answer_length = len(text)
+        return [(CONTENT, text)]

@@ -49,6 +49,7 @@ class Settings:
     client_stall_timeout: float = 60.0
     client_tools: str = "all"
     client_tools_by_model: tuple = ()
+    task_model: str = ""
 
     def client_tools_for(self, model):
         """The CLIENT_TOOLS policy for a model: its CLIENT_TOOLS_BY_MODEL entry, else CLIENT_TOOLS."""
@@ -163,6 +164,7 @@ def settings_from(env):
         client_stall_timeout=_number(env, "CLIENT_STALL_TIMEOUT", 60.0, float, 0.1, 3600),
         client_tools=_choice(env, "CLIENT_TOOLS", "all", _TOOL_POLICIES),
         client_tools_by_model=_tools_by_model(env),
+        task_model=env.get("TASK_MODEL", "").strip(),
     )
 
 

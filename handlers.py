@@ -16,7 +16,7 @@ import uuid
 from tornado.web import RequestHandler, stream_request_body
 
 from apps import AppRegistry
-from completions import Completion, client_id, dify_user
+from completions import Completion, LocalAnswer, client_id, dify_user
 from memory import Binding
 from departures import DepartureWatch
 from dify_client import DifyClient
@@ -26,8 +26,10 @@ from files import Uploads
 from openai_api import (TextChunkEncoder, completion_body, model_object, new_completion_id, new_text_completion_id,
                         parse_body, parse_chat_request, parse_text_completion_request, text_completion_body)
 from streaming import EventStreamResponse, FrameClock, Heartbeat
+from tasks import local_answer, task_kind
 
 access_log = logging.getLogger("opendify.access")
+log = logging.getLogger("opendify.handlers")
 
 
 class Proxy:
@@ -211,13 +213,30 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             raise model_not_found(request.model, self.proxy.registry)
         if not request.conversation_id:
             request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
+        task = task_kind(request.messages)
+        kind = Completion
+        if task is not None:
+            app, kind = await self.task_runner(app, task, request.messages)
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
-        self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                                     self.proxy.settings, binding, self.proxy.uploads,
-                                     conversations=self.proxy.conversations)
+        self.completion = kind(self.proxy.dify, app, request, dify_user(self.client, request.user),
+                               self.proxy.settings, binding, self.proxy.uploads, task=task,
+                               conversations=self.proxy.conversations)
         if self.departed:
             self.completion.cancel()
         await self.completion.start()
+
+    async def task_runner(self, app, task, messages):
+        """(app, Completion class) for a background task under TASK_MODEL: the requested app (empty), the
+        proxy itself (`local`, when it can answer that task), or the named model."""
+        setting = self.proxy.settings.task_model
+        if setting == "local":
+            return app, (LocalAnswer if local_answer(task, messages) is not None else Completion)
+        if setting:
+            routed = await self.proxy.registry.resolve(setting)
+            if routed is not None:
+                return routed, Completion
+            log.warning("TASK_MODEL=%r names no model; the background task runs on the requested one", setting)
+        return app, Completion
 
     async def answer(self):
         request = parse_chat_request(parse_body(self.request.body))
