@@ -4,24 +4,30 @@ Dify is always asked to stream, even when the client wants one JSON body: agent 
 only stream, and Dify Cloud cuts blocking calls after about 100 s.
 """
 
+import asyncio
 import hashlib
 import hmac
 import logging
 
 from tornado.ioloop import IOLoop
 
+import marks
 import memory
+import tasks
 import tools
 from apps import CHAT_FAMILY
+from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
+from output_format import format_instructions
 
 log = logging.getLogger("opendify.completions")
 
 _MAX_USER_FIELD = 64
+_SLICE = 256  # events translated per turn of the loop: a long burst from Dify must not hold it for others
 _STOP_KINDS = {"completion": "completion", "workflow": "workflow"}
 
 
@@ -79,8 +85,10 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None):
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
+                 conversations=None, task=None):
         self.dify = dify
+        self.task = task
         self.app = app
         self.request = request
         self.user = user
@@ -88,15 +96,21 @@ class Completion:
         self.translator = translator_for(app.mode, request.model, settings)
         self.binding = binding
         self.uploads = uploads if uploads is not None else Uploads(dify)
+        self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
-        self.marks_replies = (self.conversational and binding is not None and settings is not None
+        # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
+        self.marks_replies = (marks and task is None and self.conversational and binding is not None and settings is not None
                               and settings.conversation_memory_mode == 2)
         self.plan = None
         try:
-            self.tool_request = tools.tool_request(request.body)
+            self.tool_request = self._kept_tools(tools.tool_request(request.body))
         except tools.ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
         self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
+        self._tools_seen = None
+        self._tool_text = ""
+        self._held = ""
+        self.format_instructions = format_instructions(request.body.get("response_format"))
         self._visible = []
         self._calls = []
         self.answer_length = 0
@@ -104,30 +118,83 @@ class Completion:
         self.called_tools = False
         self._stream = None
         self._cancelled = False
+        self._closed = False
         self._pending_error = None
         self._retried = False
         self._files = []
+        self._backlog = None  # events of a long burst still to translate, from _backlog_at on
+        self._backlog_at = 0
 
-    def query(self):
+    def _kept_tools(self, requested):
+        """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
+        for completion and workflow apps (not chat agents) only a call the request forces."""
+        if self.task is not None:
+            return None  # a background task is answered in text, whatever tools came with it
+        policy = self.settings.client_tools_for(self.request.model) if self.settings is not None else "all"
+        kept = tools.for_policy(requested, policy)
+        if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
+            return None
+        return kept
+
+    async def query(self):
         """The text Dify is asked: in mode 1 the whole transcript folded into it; in mode 2 (or with an
         explicit conversation id) only the turns Dify's conversation has not seen; plus, when the
         client offers tools, how to call them."""
         messages = self.request.messages
-        explicit = self.request.conversation_id if self.conversational else ""
+        explicit = self.request.conversation_id if self.conversational and self.task is None else ""
         if self.marks_replies or explicit:
             self.plan = memory.plan_conversation(messages, self.binding, explicit)
+            if self.plan.sits_on is not None:
+                await self._check_newest()
+            else:
+                await self._check_conversation()
         else:
             folded = memory.fold_query(messages)
             self.plan = memory.Plan("", folded, folded)
         if not self.plan.fresh_query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")
-        return self._with_tools(self.plan.query)
+        return self._with_tools(self.plan)
 
-    def _with_tools(self, query):
-        if self.tool_request is None:
-            return query
-        return query + "\n\n" + tools.tool_instructions(self.tool_request)
+    async def _check_newest(self):
+        """Continue a marked conversation only if the marked reply is still its newest message in Dify:
+        after a regenerate or an edit of the last turn Dify holds a discarded answer after it, and after
+        a deletion nothing; both start a fresh conversation from the whole visible chat."""
+        model = self.request.model
+        try:
+            latest = await self.dify.latest_message(self.app.key, self.plan.conversation_id, self.user)
+        except (DifyError, StreamFailure) as error:
+            log.warning("model %r: could not read the Dify conversation's newest message (%s); continuing it "
+                        "unchecked", model, getattr(error, "status", None) or getattr(error, "kind", ""))
+            return
+        if latest is None:
+            log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                     "history", model)
+            self.plan = self.plan.fresh()
+        elif not memory.is_newest(self.plan, latest.get("id"), self.binding):
+            log.info("model %r: the chat's last turn was regenerated or edited; starting a fresh Dify "
+                     "conversation from the full history", model)
+            self.plan = self.plan.fresh()
+
+    def _with_tools(self, plan):
+        """The plan's query with what the client asks of the answer's form: its tools (in a continued
+        conversation that already has this exact catalogue, only the turn's tool_choice rule), then
+        its output format."""
+        query = plan.query
+        request = self.tool_request
+        if request is None:
+            self._tools_seen = plan.tools_seen if plan.conversation_id else None
+        else:
+            catalogue = tools.catalogue(request)
+            seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
+            known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
+            self._tools_seen = seen
+            self._tool_text = tools.tool_instructions(request, with_catalogue=not known)
+            if self._tool_text:
+                query += "\n\n" + self._tool_text
+        if self.format_instructions:
+            query += "\n\n" + self.format_instructions
+        return query
 
     async def attachments(self):
         """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""
@@ -144,11 +211,13 @@ class Completion:
         if mode in ("completion", "workflow"):
             target = text_variable(form, given, self.settings.input_variable if self.settings else "")
             if target is not None:
+                query = self._fitted(query, next((v for v in form or () if v.name == target), None))
                 given = {**given, target: query}
             elif mode == "workflow":
                 log.debug("model %r: the workflow's input form has no free text variable; the message is not "
                           "sent (its inputs are)", self.request.model)
-        body = {"inputs": check_inputs(form, given, target), "user": self.user, "response_mode": "streaming"}
+        parts = self._text_parts() if target is not None else ()
+        body = {"inputs": check_inputs(form, given, target, parts), "user": self.user, "response_mode": "streaming"}
         if files:
             body["files"] = files
         if mode == "workflow":
@@ -160,16 +229,63 @@ class Completion:
         body.update({"query": query, "conversation_id": self.plan.conversation_id, "auto_generate_name": False})
         return "/chat-messages", body
 
+    def _fitted(self, query, variable):
+        """A forced tool's catalogue goes into a completion or workflow app's input only if it fits the
+        variable's max_length; otherwise the app gets the text without it (and answers in text)."""
+        if not self._tool_text or variable is None or not variable.max_length or len(query) <= variable.max_length:
+            return query
+        log.debug("model %r: the tool catalogue does not fit the input '%s'; sent without it", self.request.model,
+                  variable.name)
+        self.tool_request = self.tool_parser = None
+        self._tool_text = ""
+        return self._with_tools(self.plan)
+
+    def _text_parts(self):
+        """What the text for a completion or workflow app's input is made of, with lengths, so a 400
+        about its size names what made it long."""
+        parts = [(label, len(text)) for label, text in memory.folded_blocks(self.request.messages)]
+        if self._tool_text:
+            parts.append(("the tool catalogue", len(self._tool_text)))
+        if self.format_instructions:
+            parts.append(("the output format instruction", len(self.format_instructions)))
+        return parts
+
     async def start(self):
-        """Builds the Dify request and opens the stream; early failures raise APIError."""
-        query = self.query()
+        """Builds the Dify request and opens the stream; early failures raise APIError. A client that
+        left while the files were uploading gets no run at all."""
+        query = await self.query()
         files = await self.attachments()
         self._files = files
         path, body = self.dify_request(query, files)
-        self._stream = self.dify.stream(self.app.key, path, body)
+        self._open(path, body)
+
+    async def _check_conversation(self):
+        """Before continuing a conversation that `_check_newest` does not check (an explicit id, a mark
+        of the first version) on an app whose Dify (1.13+) answers an unknown one with silence, asks
+        whether it still exists: an explicit id that is gone is a 404, a marked chat whose
+        conversation is gone starts afresh from the whole visible history, both at once."""
+        plan = self.plan
+        if not plan.conversation_id or not self.conversations.needed(self.app.mode):
+            return
+        try:
+            alive = await self.conversations.exists(self.app.key, self.user, plan.conversation_id)
+        except StreamFailure as failure:
+            raise self._failure_error(failure)
+        if alive:
+            return
+        if plan.explicit:
+            raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
+        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                 "history", self.request.model)
+        self.plan = plan.fresh()
 
     def _reopen(self):
-        path, body = self.dify_request(self._with_tools(self.plan.query), self._files)
+        path, body = self.dify_request(self._with_tools(self.plan), self._files)
+        self._open(path, body)
+
+    def _open(self, path, body):
+        if self._cancelled or self._closed:
+            return
         self._stream = self.dify.stream(self.app.key, path, body)
 
     async def _retry(self, error):
@@ -180,7 +296,7 @@ class Completion:
         if error.status == 404 and self.plan.conversation_id and not self.plan.explicit:
             log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
                      "history", self.request.model)
-            self.plan = memory.Plan("", self.plan.fresh_query, self.plan.fresh_query)
+            self.plan = self.plan.fresh()
         elif error.status == 400 and self._files and "upload file" in error.message.lower():
             log.info("model %r: Dify no longer has a cached upload; uploading the files again", self.request.model)
             self.uploads.cache.forget(self.app.key, self.user)
@@ -199,16 +315,16 @@ class Completion:
         if translator.done or self._cancelled:
             return None
         try:
-            events = await self._stream.next_events()
+            events = await self._next_events()
         except DifyError as error:
             if await self._retry(error):
                 return await self.next_pieces()
             raise self._dify_error(error)
         except StreamFailure as failure:
             raise self._failure_error(failure)
+        if self._cancelled:
+            return None
         if events is None:
-            if self._cancelled:
-                return None
             if translator.failure is not None:
                 raise translator.failure
             raise upstream_broken(self.request.model, "ended its answer without finishing it")
@@ -235,9 +351,27 @@ class Completion:
             pieces = self._parse_tools(pieces)
         if self.marks_replies:
             self._remember(pieces)
+            pieces = self._hold_trailing_space(pieces)
         if translator.done:
             pieces.extend(self._closing_pieces())
         return pieces
+
+    async def _next_events(self):
+        """The next events to translate: a long burst is taken a slice at a time, yielding to the loop
+        between slices, so that other streams and requests are served while it is translated."""
+        if self._backlog is not None:
+            await asyncio.sleep(0)
+            events, start = self._backlog, self._backlog_at
+        else:
+            events, start = await self._stream.next_events(), 0
+            if events is None or len(events) <= _SLICE:
+                return events
+        end = start + _SLICE
+        if end >= len(events):
+            self._backlog = None
+        else:
+            self._backlog, self._backlog_at = events, end
+        return events[start:end]
 
     def _parse_tools(self, pieces):
         """Answer text through the tool-call parser: calls come out as TOOL_CALL pieces, never as text."""
@@ -262,12 +396,40 @@ class Completion:
             self.called_tools = self.tool_parser.called
         if self.marks_replies:
             self._remember(closing)
-            conversation_id = self.translator.conversation_id
-            if conversation_id:
-                mark = memory.reply_mark(conversation_id, self.request.messages, "".join(self._visible),
-                                         self._calls, self.binding)
-                closing.append((MARK, mark))
+            closing = self._hold_trailing_space(closing)
+            closing.append(self._mark_piece())
         return closing
+
+    def _hold_trailing_space(self, pieces):
+        """Mode 2: whitespace at the end of the text so far waits, so the mark can be attached to the
+        end of the last line and the visible reply still ends exactly as Dify's answer did."""
+        out = []
+        for kind, value in pieces:
+            if kind is CONTENT:
+                text = self._held + value
+                body = text.rstrip()
+                self._held = text[len(body):]
+                if body:
+                    out.append((kind, body))
+            else:
+                if kind is REPLACE:
+                    self._held = ""
+                out.append((kind, value))
+        return out
+
+    def _mark_piece(self):
+        """The mark that ends the reply with the held whitespace: attached to the last line, or on a
+        line of its own where appending would change how the last line renders (marks.mark_placement)."""
+        held, self._held = self._held, ""
+        conversation_id = self.translator.conversation_id
+        if not conversation_id:
+            return CONTENT, held
+        visible = "".join(self._visible)
+        mark = memory.reply_mark(conversation_id, self.translator.message_id, self._tools_seen,
+                                 self.request.messages, visible, self._calls, self.binding)
+        if marks.mark_placement(visible) == "inline":
+            return MARK, mark + held
+        return MARK, held + ("" if "\n" in held else "\n") + mark
 
     def _remember(self, pieces):
         """The reply as the client will resend it, to bind the mark to it."""
@@ -282,7 +444,8 @@ class Completion:
 
     @property
     def conversation_id(self):
-        return self.translator.conversation_id if self.conversational else None
+        """The Dify conversation the client may continue; none for a background task (its own is deleted)."""
+        return self.translator.conversation_id if self.conversational and self.task is None else None
 
     async def collect(self):
         """The whole answer, for a non-streaming client."""
@@ -309,22 +472,49 @@ class Completion:
         return self._cancelled
 
     def cancel(self):
-        """The client left: stop reading, and ask Dify to stop generating for nobody."""
-        if self._cancelled or self._stream is None:
+        """The client left: no run is started, and one under way is ended by `close`. A run whose task id
+        is not known yet is closed only once its first event names the task (the reader then returns
+        at once), so that Dify can still be told to stop it."""
+        if self._cancelled:
             return
         self._cancelled = True
-        unfinished = not self.translator.done
-        self._stream.close()
-        task_id = self._stream.task_id
-        if unfinished and task_id:
+        stream = self._stream
+        if stream is not None and (stream.task_id or self.translator.done):
+            self.close()
+
+    def close(self):
+        """Ends the run, however the request ended (finished, failed, cancelled, timed out): the Dify
+        stream is closed and, unless the answer finished, Dify's task is stopped. The request's one
+        owner of the run calls it in a `finally`; calling it again does nothing."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.task is not None and self.conversational and self.translator.conversation_id:
+            IOLoop.current().spawn_callback(self._discard, self.translator.conversation_id)
+        stream = self._stream
+        if stream is None or self.translator.done and not self._cancelled:
+            return  # a finished answer's response ends by itself, and its connection is reused
+        stream.close()
+        task_id = stream.task_id
+        if task_id and not self.translator.done:
             IOLoop.current().spawn_callback(self._stop, task_id)
 
+    async def _discard(self, conversation_id):
+        """A background task's one-shot Dify conversation is deleted once answered: it must not litter the
+        user's conversation list in Dify."""
+        try:
+            await self.dify.delete_conversation(self.app.key, conversation_id, self.user)
+        except (DifyError, StreamFailure) as error:
+            log.warning("model %r: deleting a background task's Dify conversation failed (%s)", self.request.model,
+                        getattr(error, "status", None) or getattr(error, "kind", ""))
+
     async def _stop(self, task_id):
+        reason = "client left" if self._cancelled else "answer ended early"
         try:
             await self.dify.stop(self.app.key, _STOP_KINDS.get(self.app.mode, "chat"), task_id, self.user)
-            log.info("client left: stopped the Dify task of model %r", self.request.model)
+            log.info("%s: stopped the Dify task of model %r", reason, self.request.model)
         except (DifyError, StreamFailure) as error:
-            log.warning("client left, and stopping the Dify task of model %r failed: %s", self.request.model, error)
+            log.warning("%s, and stopping the Dify task of model %r failed: %s", reason, self.request.model, error)
 
     def _dify_error(self, error):
         api = from_dify(error.status, error.code, error.message, self.request.model)
@@ -343,3 +533,18 @@ class Completion:
         if failure.kind == "malformed":
             return upstream_broken(model, failure.detail)
         return upstream_broken(model, "closed the connection before the answer was complete")
+
+
+class LocalAnswer(Completion):
+    """A background task answered by the proxy itself (TASK_MODEL=local): no Dify run, no cost."""
+
+    async def start(self):
+        self._local = tasks.local_answer(self.task, self.request.messages) or ""
+        self.query_length = sum(len(tasks.message_text(m.get("content"))) for m in self.request.messages)
+
+    async def next_pieces(self):
+        if self._local is None or self._cancelled:
+            return None
+        text, self._local = self._local, None
+        self.answer_length = len(text)
+        return [(CONTENT, text)]

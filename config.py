@@ -48,6 +48,14 @@ class Settings:
     smooth_streaming: bool = True
     smooth_max_lag: float = 0.4
     smooth_frame: float = 0.02
+    client_stall_timeout: float = 60.0
+    client_tools: str = "all"
+    client_tools_by_model: tuple = ()
+    task_model: str = ""
+
+    def client_tools_for(self, model):
+        """The CLIENT_TOOLS policy for a model: its CLIENT_TOOLS_BY_MODEL entry, else CLIENT_TOOLS."""
+        return next((policy for name, policy in self.client_tools_by_model if name == model), self.client_tools)
 
 
 def _split_list(value):
@@ -72,6 +80,24 @@ def _choice(env, name, default, choices):
     if value not in choices:
         raise ConfigError(f"{name}={value!r} is unknown: use {', '.join(choices[:-1])} or {choices[-1]}")
     return value
+
+
+_TOOL_POLICIES = ("all", "forced", "off")
+
+
+def _tools_by_model(env):
+    """CLIENT_TOOLS_BY_MODEL: `model=policy` pairs, comma separated (a model name may itself hold `=`:
+    the last one separates)."""
+    raw = env.get("CLIENT_TOOLS_BY_MODEL", "")
+    pairs = []
+    for entry in _split_list(raw):
+        model, separator, policy = entry.rpartition("=")
+        policy = policy.strip().lower()
+        if not separator or not model.strip() or policy not in _TOOL_POLICIES:
+            raise ConfigError(f"CLIENT_TOOLS_BY_MODEL entry {entry!r} is not model=policy: write e.g. "
+                              "\"My App=off,Agent=forced\" with policies all, forced or off")
+        pairs.append((model.strip(), policy))
+    return tuple(pairs)
 
 
 _PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
@@ -164,6 +190,10 @@ def settings_from(env):
         smooth_streaming=_choice(env, "SMOOTH_STREAMING", "on", ("on", "off")) == "on",
         smooth_max_lag=_number(env, "SMOOTH_MAX_LAG_MS", 400, int, 0, 2000) / 1000,
         smooth_frame=_number(env, "SMOOTH_FRAME_MS", 20, int, 5, 100) / 1000,
+        client_stall_timeout=_number(env, "CLIENT_STALL_TIMEOUT", 60.0, float, 0.1, 3600),
+        client_tools=_choice(env, "CLIENT_TOOLS", "all", _TOOL_POLICIES),
+        client_tools_by_model=_tools_by_model(env),
+        task_model=env.get("TASK_MODEL", "").strip(),
     )
 
 

@@ -25,6 +25,7 @@ import json
 import logging
 import ssl
 import time
+from urllib.parse import urlencode
 from uuid import uuid4
 
 from tornado.concurrent import Future
@@ -50,6 +51,7 @@ log = logging.getLogger("opendify.dify")
 _JSON_BODY_LIMIT = 64 * 1024 * 1024
 _STREAM_BODY_LIMIT = 1 << 40
 _ERROR_BODY_LIMIT = 64 * 1024
+_QUEUE_LIMIT = 256 * 1024  # bytes of events a stream holds for a reader that is not taking them, before pausing
 _NO_TOTAL_LIMIT = 10 * 365 * 86400.0  # s; the simple client reads 0 as "no connect timeout" too
 _CONNECTION_MAX_AGE = 30  # s an unused connection is kept for reuse
 _CONNECTIONS_KEPT = 256  # unused connections kept at most per client
@@ -185,12 +187,22 @@ class Lane:
     def __init__(self, size, wait, max_body_size):
         self.size = size
         self.wait = wait
+        self._max_body_size = max_body_size
         self._slots = Semaphore(size)
-        if pycurl is not None:
-            self.http = CurlAsyncHTTPClient(force_instance=True, max_clients=size, max_body_size=max_body_size)
-            self.http._multi.setopt(pycurl.M_MAXCONNECTS, min(size, _CONNECTIONS_KEPT))
-        else:
-            self.http = SimpleAsyncHTTPClient(force_instance=True, max_clients=size, max_body_size=max_body_size)
+        self._http = None
+
+    @property
+    def http(self):
+        """The client, made on first use: it belongs to the loop it is made on."""
+        if self._http is None:
+            if pycurl is not None:
+                self._http = CurlAsyncHTTPClient(force_instance=True, max_clients=self.size,
+                                                 max_body_size=self._max_body_size)
+                self._http._multi.setopt(pycurl.M_MAXCONNECTS, min(self.size, _CONNECTIONS_KEPT))
+            else:
+                self._http = SimpleAsyncHTTPClient(force_instance=True, max_clients=self.size,
+                                                   max_body_size=self._max_body_size)
+        return self._http
 
     async def acquire(self):
         """A slot, or StreamFailure("busy") once all were taken for longer than `wait`."""
@@ -203,7 +215,8 @@ class Lane:
         self._slots.release()
 
     def close(self):
-        self.http.close()
+        if self._http is not None:
+            self._http.close()
 
 
 class Exchange:
@@ -246,6 +259,8 @@ class EventStream(Exchange):
         self._finished = False
         self._aborted = False
         self._fetch = None
+        self._queued = 0  # bytes behind the events not yet taken
+        self.paused = False
         request = client.request("POST", key, path, json.dumps(body, ensure_ascii=False).encode(),
                                  accept="text/event-stream", timeout=_NO_TOTAL_LIMIT)
         request.streaming_callback = self._on_chunk
@@ -262,6 +277,7 @@ class EventStream(Exchange):
         while True:
             if self._events:
                 events, self._events = self._events, []
+                self._let_in()
                 return events
             if self._failure is not None:
                 raise self._failure
@@ -285,12 +301,38 @@ class EventStream(Exchange):
             self._failure = failure
         self.close()
 
+    def _transfer_running(self):
+        """Whether the curl handle is still this stream's: after the fetch it may serve another request."""
+        return self._curl is not None and self._fetch is not None and not self._fetch.done()
+
+    def _hold_back(self, size):
+        """Back-pressure: while the reader (a client that is not reading) leaves events waiting, libcurl
+        stops reading Dify's connection; the reader's next take lets it in again. Paused again on
+        every read past the limit, because Tornado resumes a transfer it paused itself."""
+        self._queued += size
+        if self._queued > _QUEUE_LIMIT and self._transfer_running():
+            self.paused = True
+            try:
+                self._curl.pause(pycurl.PAUSE_RECV)
+            except pycurl.error:
+                pass  # the transfer is ending anyway
+
+    def _let_in(self):
+        self._queued = 0
+        if self.paused:
+            self.paused = False
+            self.last_activity = time.monotonic()  # a paused stream's silence was the client's, not Dify's
+            if self._transfer_running():
+                try:
+                    self._curl.pause(pycurl.PAUSE_CONT)
+                except pycurl.error:
+                    pass
+
     def _wake_transfer(self):
         """libcurl runs a transfer's progress callback only when it works on it: when data
         arrives or about once a second. Pausing and resuming makes it run at once, so a silent
-        transfer sees the abort now. Only while the fetch runs: after it, the handle may
-        already serve another request."""
-        if self._curl is None or self._fetch is None or self._fetch.done():
+        transfer sees the abort now."""
+        if not self._transfer_running():
             return
         try:
             self._curl.pause(pycurl.PAUSE_ALL)
@@ -366,6 +408,8 @@ class EventStream(Exchange):
             return
         if len(events) != before:
             self._wake()
+        if self._curl is not None:
+            self._hold_back(len(chunk))
 
     def _end_body(self):
         if self._aborted:
@@ -416,7 +460,8 @@ class DifyClient:
         headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type, "Accept": accept}
         return HTTPRequest(self._base_url + path, method=method, headers=headers, body=body, user_agent="OpenDify",
                            connect_timeout=self.connect_timeout, request_timeout=timeout or self.idle_timeout,
-                           decompress_response=False, follow_redirects=False, ca_certs=self.ca_file)
+                           decompress_response=False, follow_redirects=False, ca_certs=self.ca_file,
+                           allow_nonstandard_methods=True)  # DELETE /conversations carries a body
 
     def curl_options(self, curl):
         """What every transfer to Dify sets beyond Tornado's defaults."""
@@ -446,6 +491,29 @@ class DifyClient:
     async def stop(self, key, kind, task_id, user):
         """Asks Dify to stop generating; the stop endpoints answer success even for unknown tasks."""
         return await self.post(key, STOP_PATHS[kind].format(task_id), {"user": user}, timeout=10)
+
+    async def latest_message(self, key, conversation_id, user, timeout=10):
+        """The newest message of a chat-family conversation (Dify's message object), or None when Dify
+        has no such conversation for this user (deleted, expired, never made) or it holds no message.
+        One cheap `GET /messages?limit=1`: Dify pages oldest to newest, so the only item is the newest."""
+        path = f"/messages?{urlencode({'conversation_id': conversation_id, 'user': user, 'limit': 1})}"
+        try:
+            page = await self.get(key, path, timeout=timeout)
+        except DifyError as error:
+            if error.status == 404:
+                return None
+            raise
+        items = page.get("data") if isinstance(page, dict) else None
+        return items[-1] if isinstance(items, list) and items and isinstance(items[-1], dict) else None
+
+    async def delete_conversation(self, key, conversation_id, user, timeout=10):
+        """Deletes a conversation (Dify answers 204); one already gone is not an error."""
+        try:
+            await self._call("DELETE", key, f"/conversations/{conversation_id}",
+                             json.dumps({"user": user}).encode(), timeout=timeout)
+        except DifyError as error:
+            if error.status != 404:
+                raise
 
     async def upload(self, key, filename, mime, data, user):
         boundary = uuid4().hex
@@ -498,7 +566,7 @@ class DifyClient:
 
     def _check_idle(self):
         deadline = time.monotonic() - self.idle_timeout
-        for stream in [s for s in self._streams if s.last_activity < deadline]:
+        for stream in [s for s in self._streams if s.last_activity < deadline and not s.paused]:
             log.warning("Dify stream silent for %.1f s; closing it", self.idle_timeout)
             stream.fail(StreamFailure("timeout", f"sent nothing for {self.idle_timeout:g} s"))
 

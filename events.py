@@ -192,7 +192,7 @@ def describe_arguments(arguments):
 
 
 def _label(name, labels):
-    label = (labels or {}).get(name)
+    label = _object(labels).get(name)
     if isinstance(label, dict):
         label = label.get("en_US") or next((v for v in label.values() if isinstance(v, str) and v), None)
     return label if isinstance(label, str) and label else name
@@ -272,6 +272,24 @@ def render_outputs(outputs, base=""):
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
 
 
+def _object(value):
+    """A JSON object field of an event, or an empty one when Dify sent anything else there."""
+    return value if value.__class__ is dict else {}
+
+
+def _error_status(value):
+    """The HTTP status an error event reports; Dify 0.11 sends none, and anything that is not a
+    status is taken as a server error."""
+    if value.__class__ is str:
+        try:
+            value = int(value)
+        except ValueError:
+            return 500
+    if value.__class__ is int and 400 <= value <= 599:
+        return value
+    return 500
+
+
 def run_failed(model, detail):
     """A failed chatflow or workflow run: the app's own error text; retrying re-runs the same failure."""
     return APIError(502, f"The Dify app for model '{model}' failed: {detail or 'no detail'}", type="server_error",
@@ -308,6 +326,7 @@ class AnswerTranslator:
         self.model = model
         self.usage = None
         self.conversation_id = None
+        self.message_id = None
         self.done = False
         self.replaced = False
         self.failure = None
@@ -323,12 +342,16 @@ class AnswerTranslator:
         self._reasoning_key = None
         self._reasoned = False
         self._thoughts = {}
-        self._round_text = ""
+        self._round_text = []  # this agent round's answer text, in pieces: joined only when a thought is compared
         self._files = set()
 
     def feed(self, event):
         """The pieces one event adds; raises APIError for an error event or a failed run."""
         name = event.get("event")
+        if self.conversation_id is None:
+            self._learn_conversation(event)
+        if self.message_id is None:
+            self._learn_message(event)
         answer = event.get("answer")
         if answer.__class__ is str and name not in _NOT_TEXT:
             if name == "agent_message":
@@ -336,18 +359,29 @@ class AnswerTranslator:
             elif self._agent_text and self.mode == "agent":
                 return ()
             return tuple(self._text(answer))
-        if event.get("conversation_id") and self.conversation_id is None:
-            self.conversation_id = event["conversation_id"]
         handler = self._HANDLERS.get(name)
         return tuple(handler(self, event)) if handler is not None else ()
 
     def finish_reason(self):
         return "content_filter" if self.replaced else "stop"
 
+    def _learn_conversation(self, event):
+        """Every event of a chat run names its conversation: the first one that does tells it."""
+        found = event.get("conversation_id")
+        if found and found.__class__ is str:
+            self.conversation_id = found
+
+    def _learn_message(self, event):
+        """The run's Dify message id, from the first event that names it (a Responses API id is made of it)."""
+        found = event.get("message_id")
+        if found and found.__class__ is str:
+            self.message_id = found
+
     # Events.
 
     def _message_end(self, event):
-        self.usage = (event.get("metadata") or {}).get("usage") or None
+        usage = _object(_object(event.get("metadata")).get("usage"))
+        self.usage = usage or None
         self.done = True
         return self._flush()
 
@@ -355,7 +389,8 @@ class AnswerTranslator:
         self.replaced = True
         if self._splitter is not None:
             self._splitter = ThinkSplitter()
-        return ((REPLACE, event.get("answer") or ""),)
+        answer = event.get("answer")
+        return ((REPLACE, answer if answer.__class__ is str else ""),)
 
     def _agent_thought(self, event):
         """One agent round, re-sent as it progresses: only what is new is shown, and a thought
@@ -369,7 +404,7 @@ class AnswerTranslator:
         if thought and thought != state["thought"]:
             grows = thought.startswith(state["thought"])
             new = thought[len(state["thought"]):] if grows else thought
-            if new.strip() and not _same_text(self._round_text, thought):
+            if new.strip() and not _same_text("".join(self._round_text), thought):
                 steps.append((("thought", key) if grows else None, new))
             state["thought"] = thought
         uses = tool_uses(event)
@@ -381,7 +416,7 @@ class AnswerTranslator:
             steps.append((None, "\n\n".join(f"**{label}** returned: {observation}"
                                              for label, _, observation in uses if observation is not None)))
         if thought or uses:
-            self._round_text = ""
+            self._round_text = []
         if self.agent_work == "inline":
             quoted = "\n>\n".join("> " + text.strip().replace("\n", "\n> ") for _, text in steps)
             return self._block(quoted) if steps else ()
@@ -406,7 +441,7 @@ class AnswerTranslator:
         return self._reasoning(text, "reasoning_chunk") if text else ()
 
     def _node_started(self, event):
-        data = event.get("data") or {}
+        data = _object(event.get("data"))
         if (self.workflow_progress != "reasoning" or data.get("node_type") == "start"
                 or data.get("iteration_id") or data.get("loop_id")):
             return ()
@@ -415,7 +450,7 @@ class AnswerTranslator:
                                "progress")
 
     def _node_finished(self, event):
-        data = event.get("data") or {}
+        data = _object(event.get("data"))
         if (self.workflow_progress != "reasoning" or data.get("status") not in ("failed", "exception")
                 or data.get("iteration_id") or data.get("loop_id")):
             return ()
@@ -423,7 +458,7 @@ class AnswerTranslator:
                                f"{summarise(data.get('error') or 'no detail', _OBSERVATION_LIMIT)}")
 
     def _workflow_finished(self, event):
-        data = event.get("data") or {}
+        data = _object(event.get("data"))
         if data.get("status") == "failed":
             self.failure = run_failed(self.model, data.get("error"))
             raise self.failure
@@ -435,7 +470,8 @@ class AnswerTranslator:
         raise self.failure
 
     def _error(self, event):
-        raise from_dify(int(event.get("status") or 500), event.get("code") or "",
+        code = event.get("code")
+        raise from_dify(_error_status(event.get("status")), code if isinstance(code, str) else "",
                         str(event.get("message") or "no detail"), self.model)
 
     _HANDLERS = {
@@ -460,7 +496,7 @@ class AnswerTranslator:
         if not text:
             return ()
         if self.mode in _AGENT_MODES:
-            self._round_text += text
+            self._round_text.append(text)
         if self._splitter is None:
             return self._content(text)
         return self._split(self._splitter.feed(text))
@@ -513,7 +549,7 @@ class WorkflowTranslator(AnswerTranslator):
 
     def feed(self, event):
         if event.get("event") == "text_chunk":
-            data = event.get("data") or {}
+            data = _object(event.get("data"))
             text = data.get("text")
             if isinstance(text, str) and text:
                 self._streamed = True
@@ -523,7 +559,7 @@ class WorkflowTranslator(AnswerTranslator):
 
     def _workflow_finished(self, event):
         super()._workflow_finished(event)
-        data = event.get("data") or {}
+        data = _object(event.get("data"))
         pieces = list(self._flush())
         if not self._streamed:
             answer = render_outputs(data.get("outputs"), self.files_base)

@@ -11,6 +11,7 @@ from tornado.web import Application
 from config import ConfigError, load_settings
 from handlers import NotFoundHandler, Proxy, log_request, routes
 from marks import derive_secret
+from responses_handlers import response_routes
 
 log = logging.getLogger("opendify")
 
@@ -19,7 +20,7 @@ def make_app(settings):
     """The Tornado application and the shared proxy state behind it."""
     secret = derive_secret(settings.mark_secret, list(settings.dify_api_keys) + list(settings.valid_api_keys))
     proxy = Proxy(settings, secret)
-    app = Application(routes(), proxy=proxy, default_handler_class=NotFoundHandler, log_function=log_request)
+    app = Application(routes() + response_routes(), proxy=proxy, default_handler_class=NotFoundHandler, log_function=log_request)
     return app, proxy
 
 

@@ -2,9 +2,10 @@
 
 In memory mode 2 the proxy hides the Dify conversation id inside the assistant
 reply and reads it back from the history the client resends.  This module is
-the encoding: ``make_mark`` builds a mark, ``find_conversation`` finds the
-newest valid one in a message's content, ``strip_marks`` removes mark-shaped
-runs so histories can be compared and text shown clean.
+the encoding: ``make_mark`` builds a mark, ``find_mark`` finds the newest
+valid one in a message's content, ``strip_marks`` removes mark-shaped runs so
+histories can be compared and text shown clean, ``mark_placement`` says where
+a mark can go without changing how the reply renders.
 
 Alphabet (8 symbols, 3 bits per character)
 -----------------------------------------
@@ -39,19 +40,35 @@ zero-width encoding with 8 symbols -- the conversation then simply restarts.
 
 Layout
 ------
+Version 2 (written since the mark also tells whether it sits on the conversation's newest
+Dify message, and which tool catalogue the conversation was given):
+
+    START2 (2) | payload (86) | END2 (2)                   = 90 characters
+    START2 = U+2060 U+2064,  END2 = U+2064 U+2060
+
+Version 1 (written before; still read, and written when Dify named no message):
+
     START (2) | payload (64) | END (2)                     = 68 characters
     START = U+2060 U+2063,  END = U+2063 U+2060
 
 START/END begin and end with a Grapheme_Cluster_Break=Control character (never
 ZWJ/ZWNJ), so a mark never glues onto a neighbouring emoji or letter cluster,
 and a mark is recognised anywhere in the text, several may coexist.  The
-payload is 24 bytes = 192 bits = exactly 64 octal digits, big-endian:
+version-1 payload is 24 bytes = 192 bits = exactly 64 octal digits, big-endian:
 
     tag  = HMAC-SHA256(k_mac, version | len|app_id | len|client_id | uuid16)[:8]
     ct   = uuid16 XOR HMAC-SHA256(k_enc, len|app_id | len|client_id | tag)[:16]
     payload = ct (16 bytes) | tag (8 bytes)
 
-i.e. a deterministic SIV-style authenticated encryption: the 16 raw UUID bytes
+Version 2 adds two 4-byte keyed fingerprints (HMAC-SHA256 under a third subkey, so they reveal
+nothing): of the Dify message id the mark sits on, and of the tool catalogue the conversation
+was last given.  They sit in the clear between ct and tag and are covered by the tag:
+
+    tag  = HMAC-SHA256(k_mac, 0x02 | len|app_id | len|client_id | uuid16 | message4 | tools4)[:8]
+    payload = ct (16 bytes) | message4 | tools4 | tag (8) = 32 bytes = 256 bits
+            = 86 octal digits (258 bits, the top two always zero)
+
+Either version is a deterministic SIV-style authenticated encryption: the 16 raw UUID bytes
 (not the 36-character text) are hidden from whoever reads or copies the text
 (the original leaked them), and the 64-bit tag binds the mark to the secret,
 the format version (also implied by START), the app and the client identity.
@@ -66,7 +83,8 @@ other-client mark is rejected with the same probability and never reaches Dify.
 
 Measured length (asserted in tests/test_marks.py)
 -------------------------------------------------
-    MARK_LENGTH = 68 characters = 68 UTF-16 code units = 204 UTF-8 bytes
+    MARK_LENGTH = 90 characters = 90 UTF-16 code units = 270 UTF-8 bytes (version 2)
+    MARK_V1_LENGTH = 68 characters = 204 UTF-8 bytes
     (the original: 96 characters / 288 bytes, unauthenticated, id in clear).
 
 Secret
@@ -82,11 +100,14 @@ that.  With neither secret nor material a random per-process secret is used.
 
 Placement
 ---------
-Appending a mark directly after text can break markdown: a trailing URL would
-absorb it into the autolink, a closing code fence / thematic break / link
-definition would stop being one.  ``mark_suffix(answer, mark)`` returns the
-separator plus the mark to append (at least one newline; a blank line after a
-table row).  ``strip_marks`` removes only the mark, not that separator.
+The mark is attached to the end of the reply's last line, before any trailing
+whitespace, so it adds no line and the visible text ends exactly as Dify's answer
+did (a mark on its own line renders as an empty line in chat UIs).  Where text
+appended to the last line would change how it renders, the mark goes on a line
+of its own instead: a last line that ends in a bare URL or e-mail address
+(autolinks would absorb it), a code fence, a thematic break or setext underline,
+or a link reference definition.  ``mark_placement(answer)`` says which;
+``strip_marks`` removes only the mark.
 """
 
 from __future__ import annotations
@@ -97,15 +118,18 @@ import hmac
 import os
 import re
 import uuid
+from dataclasses import dataclass
 
 __all__ = [
     "ALPHABET",
     "MARK_LENGTH",
+    "Mark",
     "derive_secret",
-    "find_conversation",
+    "find_mark",
+    "fingerprint",
     "has_mark_characters",
     "make_mark",
-    "mark_suffix",
+    "mark_placement",
     "strip_marks",
 ]
 
@@ -114,15 +138,40 @@ _INDEX = {ch: i for i, ch in enumerate(ALPHABET)}
 
 START = "\u2060\u2063"
 END = "\u2063\u2060"
+START2 = "\u2060\u2064"
+END2 = "\u2064\u2060"
 
-_VERSION = b"\x01"
 _UUID_BYTES = 16
 _TAG_BYTES = 8
-_PAYLOAD_BYTES = _UUID_BYTES + _TAG_BYTES
-_PAYLOAD_CHARS = _PAYLOAD_BYTES * 8 // 3  # 64 octal digits
-assert _PAYLOAD_CHARS * 3 == _PAYLOAD_BYTES * 8
+_FINGERPRINT_BYTES = 4
 
-MARK_LENGTH = len(START) + _PAYLOAD_CHARS + len(END)  # 68
+
+@dataclass(frozen=True)
+class _Format:
+    version: bytes
+    start: str
+    end: str
+    extra_bytes: int  # fingerprints between ct and tag
+
+    @property
+    def payload_bytes(self):
+        return _UUID_BYTES + self.extra_bytes + _TAG_BYTES
+
+    @property
+    def payload_chars(self):
+        return -(-self.payload_bytes * 8 // 3)
+
+    @property
+    def length(self):
+        return len(self.start) + self.payload_chars + len(self.end)
+
+
+_V1 = _Format(b"\x01", START, END, 0)
+_V2 = _Format(b"\x02", START2, END2, 2 * _FINGERPRINT_BYTES)
+_FORMATS = {START: _V1, START2: _V2}
+
+MARK_LENGTH = _V2.length  # 90
+MARK_V1_LENGTH = _V1.length  # 68
 
 # Verifying a candidate costs two HMACs; cap the work per content value so an
 # adversarial history full of mark-shaped runs stays cheap.  Candidates are
@@ -132,10 +181,21 @@ MAX_CANDIDATES = 64
 
 _CLASS = "[" + ALPHABET + "]"
 _ALPHA_RE = re.compile(_CLASS)
-_MARK_RE = re.compile(re.escape(START) + _CLASS + "{%d}" % _PAYLOAD_CHARS + re.escape(END))
+_MARK_RE = re.compile("|".join(re.escape(f.start) + _CLASS + "{%d}" % f.payload_chars + re.escape(f.end)
+                               for f in (_V1, _V2)))
 # Lookahead: finds overlapping candidates too (noise before a real mark must
 # not hide it).
 _CANDIDATE_RE = re.compile("(?=(" + _MARK_RE.pattern + "))")
+
+
+@dataclass(frozen=True)
+class Mark:
+    """What a valid mark says. `message` and `tools` are fingerprints (see `fingerprint`) of the Dify
+    message the mark sits on and of the tool catalogue the conversation was last given; a version-1
+    mark has neither (None)."""
+    conversation_id: str
+    message: bytes | None = None
+    tools: bytes | None = None
 
 _SECRET_LABEL = b"opendify/marks/secret/v1"
 
@@ -183,14 +243,21 @@ def derive_secret(explicit: str | None, material: list[str]) -> bytes:
 
 
 @functools.lru_cache(maxsize=32)
-def _subkeys(secret: bytes) -> tuple[bytes, bytes]:
+def _subkeys(secret: bytes) -> tuple[bytes, bytes, bytes]:
     mac = hmac.new(secret, b"opendify/marks/v1/mac", hashlib.sha256).digest()
     enc = hmac.new(secret, b"opendify/marks/v1/enc", hashlib.sha256).digest()
-    return mac, enc
+    fingerprints = hmac.new(secret, b"opendify/marks/v2/fingerprint", hashlib.sha256).digest()
+    return mac, enc, fingerprints
 
 
-def _tag(k_mac: bytes, binding: bytes, raw: bytes) -> bytes:
-    return hmac.new(k_mac, _VERSION + binding + raw, hashlib.sha256).digest()[:_TAG_BYTES]
+def fingerprint(secret: bytes, kind: str, value: str) -> bytes:
+    """A 4-byte keyed fingerprint of `value` (a Dify message id, a tool catalogue) for a mark to carry."""
+    key = _subkeys(bytes(secret))[2]
+    return hmac.new(key, _field(kind) + _field(value), hashlib.sha256).digest()[:_FINGERPRINT_BYTES]
+
+
+def _tag(k_mac: bytes, fmt: _Format, binding: bytes, raw: bytes) -> bytes:
+    return hmac.new(k_mac, fmt.version + binding + raw, hashlib.sha256).digest()[:_TAG_BYTES]
 
 
 def _keystream(k_enc: bytes, binding: bytes, tag: bytes) -> bytes:
@@ -205,8 +272,12 @@ def _xor(a: bytes, b: bytes) -> bytes:
 # writing
 
 
-def make_mark(conversation_id: str, *, secret: bytes, app_id: str, client_id: str) -> str:
-    """The invisible mark (MARK_LENGTH characters) for ``conversation_id``.
+def make_mark(conversation_id: str, *, secret: bytes, app_id: str, client_id: str,
+              message_id: str | None = None, tools: bytes | None = None) -> str:
+    """The invisible mark for ``conversation_id``: version 2 (MARK_LENGTH characters) carrying
+    the fingerprint of ``message_id`` (the Dify message the mark will sit on) and ``tools`` (the
+    fingerprint of the tool catalogue the conversation has been given; None: none); version 1
+    (MARK_V1_LENGTH) when Dify named no message.
 
     Raises ValueError if ``conversation_id`` is not a UUID string.
     """
@@ -218,32 +289,44 @@ def make_mark(conversation_id: str, *, secret: bytes, app_id: str, client_id: st
         raise ValueError("conversation id is not a UUID: %r" % (conversation_id[:64],)) from None
     if not isinstance(app_id, str) or not isinstance(client_id, str):
         raise TypeError("app_id and client_id must be str")
-    k_mac, k_enc = _subkeys(bytes(secret))
+    k_mac, k_enc, _ = _subkeys(bytes(secret))
     binding = _field(app_id) + _field(client_id)
-    tag = _tag(k_mac, binding, raw)
-    payload = _xor(raw, _keystream(k_enc, binding, tag)) + tag
+    fmt, extra = _V1, b""
+    if message_id is not None:
+        fmt = _V2
+        extra = fingerprint(secret, "message", str(message_id)) + (tools or fingerprint(secret, "tools", ""))
+    tag = _tag(k_mac, fmt, binding, raw + extra)
+    payload = _xor(raw, _keystream(k_enc, binding, tag)) + extra + tag
     n = int.from_bytes(payload, "big")
     digits = []
-    for _ in range(_PAYLOAD_CHARS):
+    for _ in range(fmt.payload_chars):
         digits.append(ALPHABET[n & 7])
         n >>= 3
-    return START + "".join(reversed(digits)) + END
+    return fmt.start + "".join(reversed(digits)) + fmt.end
 
 
-def mark_suffix(answer: str, mark: str) -> str:
-    """What to append to ``answer`` (the full reply text so far): separator + mark.
+_FENCE_LINE = re.compile(r" {0,3}(`{3,}|~{3,})[^`]*\Z")
+_BREAK_LINE = re.compile(r" {0,3}(?:(?:-[ \t]*){3,}|(?:\*[ \t]*){3,}|(?:_[ \t]*){3,}|=+[ \t]*)\Z")
+_MARKDOWN_LINK_END = re.compile(r"\]\([^()\s]*\)\Z")
+_LINK_DEFINITION = re.compile(r" {0,3}\[[^\]]+\]:")
+_BARE_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://|www\.|mailto:)[^\s<>]*\Z|[^\s<>()@]+@[^\s<>()@]+\.\w+\Z", re.I)
 
-    The mark goes on its own line so it cannot extend a trailing URL, a closing
-    code fence, a thematic break or a link definition; after a possible table
-    row it needs a blank line (otherwise it would become an empty table row).
-    """
-    if not answer or not answer.strip():
-        return mark
-    body = answer.rstrip(" \t\r\n")
-    trailing = answer[len(body):].count("\n")
+
+def mark_placement(answer: str) -> str:
+    """Where the mark goes: "inline" (attached to the end of the last line, before any trailing
+    whitespace) or "own-line" (after a newline), when the last line is one that appended text
+    would change: a code fence, a thematic break or setext underline, a link reference
+    definition, or a line ending in a bare URL or e-mail address that an autolink would extend."""
+    body = answer.rstrip()
+    if not body:
+        return "inline"
     last_line = body.rsplit("\n", 1)[-1]
-    need = 2 if "|" in last_line else 1
-    return "\n" * max(0, need - trailing) + mark
+    if _FENCE_LINE.match(last_line) or _BREAK_LINE.match(last_line) or _LINK_DEFINITION.match(last_line):
+        return "own-line"
+    token = last_line.split()[-1]
+    if not _MARKDOWN_LINK_END.search(token) and _BARE_ADDRESS.search(token.rstrip(".,:;!?*_~)'\"")):
+        return "own-line"
+    return "inline"
 
 
 # --------------------------------------------------------------------------
@@ -266,16 +349,22 @@ def strip_marks(text: str) -> str:
     return _MARK_RE.sub("", text)
 
 
-def _decode(run: str, k_mac: bytes, k_enc: bytes, binding: bytes) -> str | None:
+def _decode(run: str, k_mac: bytes, k_enc: bytes, binding: bytes) -> Mark | None:
+    fmt = _FORMATS[run[:2]]
     n = 0
-    for ch in run[len(START):len(START) + _PAYLOAD_CHARS]:
+    for ch in run[2:2 + fmt.payload_chars]:
         n = (n << 3) | _INDEX[ch]
-    payload = n.to_bytes(_PAYLOAD_BYTES, "big")
-    ct, tag = payload[:_UUID_BYTES], payload[_UUID_BYTES:]
+    if n >> (fmt.payload_bytes * 8):
+        return None  # padding bits set: not a mark this module wrote
+    payload = n.to_bytes(fmt.payload_bytes, "big")
+    ct, extra, tag = payload[:_UUID_BYTES], payload[_UUID_BYTES:-_TAG_BYTES], payload[-_TAG_BYTES:]
     raw = _xor(ct, _keystream(k_enc, binding, tag))
-    if not hmac.compare_digest(_tag(k_mac, binding, raw), tag):
+    if not hmac.compare_digest(_tag(k_mac, fmt, binding, raw + extra), tag):
         return None
-    return str(uuid.UUID(bytes=raw))
+    conversation_id = str(uuid.UUID(bytes=raw))
+    if not extra:
+        return Mark(conversation_id)
+    return Mark(conversation_id, extra[:_FINGERPRINT_BYTES], extra[_FINGERPRINT_BYTES:])
 
 
 def _texts(content) -> list[str]:
@@ -293,8 +382,8 @@ def _texts(content) -> list[str]:
     return texts
 
 
-def find_conversation(content, *, secret: bytes, app_id: str, client_id: str) -> str | None:
-    """Conversation id (lowercase canonical UUID) of the last valid mark in ``content``.
+def find_mark(content, *, secret: bytes, app_id: str, client_id: str) -> Mark | None:
+    """The last valid mark in ``content`` (its conversation id a lowercase canonical UUID).
 
     ``content`` is a message's content: a str, None, or a list of OpenAI
     content parts (``{"type": "text", "text": ...}``).  Marks made with another
@@ -308,7 +397,7 @@ def find_conversation(content, *, secret: bytes, app_id: str, client_id: str) ->
     texts = [t for t in _texts(content) if has_mark_characters(t)]
     if not texts:
         return None
-    k_mac, k_enc = _subkeys(bytes(secret))
+    k_mac, k_enc, _ = _subkeys(bytes(secret))
     binding = _field(app_id) + _field(client_id)
     budget = MAX_CANDIDATES
     for text in reversed(texts):

@@ -119,21 +119,29 @@ def render_new_turns(turns, names_by_id):
     return "\n".join(render_turn(m, names_by_id) for m in turns)
 
 
-def fold_query(messages, *, include_system=True):
-    """Mode 1: the whole transcript as one Dify query."""
+def folded_blocks(messages, *, include_system=True):
+    """Mode 1's query as its blocks, each with what it holds: (label, text). The labels let an error
+    about the query's size say what made it long."""
     names = tool_names(messages)
     history, new = split_turns(messages)
     blocks = []
     system = system_prompt(messages) if include_system else ""
     if system:
-        blocks.append(f"<system>\n{system}\n</system>")
+        blocks.append(("the system prompt", f"<system>\n{system}\n</system>"))
     if history:
-        blocks.append("<history>\n" + "\n".join(render_turn(m, names) for m in history) + "\n</history>")
+        label = f"{len(history)} earlier message{'s' if len(history) != 1 else ''}"
+        blocks.append((label, "<history>\n" + "\n".join(render_turn(m, names) for m in history) + "\n</history>"))
     if new:
-        blocks.append(render_new_turns(new, names))
+        blocks.append(("the new message" if len(new) == 1 else f"{len(new)} new messages",
+                       render_new_turns(new, names)))
     elif history:
-        blocks.append("Continue your last reply.")
-    return "\n\n".join(blocks)
+        blocks.append(("the request to continue", "Continue your last reply."))
+    return blocks
+
+
+def fold_query(messages, *, include_system=True):
+    """Mode 1: the whole transcript as one Dify query."""
+    return "\n\n".join(text for _, text in folded_blocks(messages, include_system=include_system))
 
 
 @dataclass(frozen=True)
@@ -146,11 +154,22 @@ class Binding:
 
 @dataclass
 class Plan:
-    """What to ask Dify: continue `conversation_id` with `query`, or ("", the whole chat folded)."""
+    """What to ask Dify: continue `conversation_id` with `query`, or ("", the whole chat folded).
+
+    A plan read from a version-2 mark holds, until checked against Dify, the fingerprint of the
+    Dify message the mark sits on (`sits_on`): the conversation is continued only if that is
+    still its newest message. `tools_seen` is the fingerprint of the tool catalogue the
+    conversation was last given (None: unknown, give it the catalogue)."""
     conversation_id: str
     query: str
     fresh_query: str
     explicit: bool = False
+    sits_on: bytes | None = None
+    tools_seen: bytes | None = None
+
+    def fresh(self):
+        """The plan for a fresh conversation from the whole visible chat."""
+        return Plan("", self.fresh_query, self.fresh_query)
 
 
 def _call_summary(call):
@@ -218,18 +237,30 @@ def plan_conversation(messages, binding, explicit_id=""):
     index = _newest_marked_reply(messages)
     if index is None:
         return Plan("", fresh, fresh)
-    conversation_id = marks.find_conversation(messages[index].get("content"), secret=binding.secret,
-                                              app_id=binding.app_id,
-                                              client_id=_mark_client(binding, messages[:index + 1]))
+    found = marks.find_mark(messages[index].get("content"), secret=binding.secret, app_id=binding.app_id,
+                            client_id=_mark_client(binding, messages[:index + 1]))
     new = [m for m in messages[index + 1:] if m.get("role") not in SYSTEM_ROLES]
-    if conversation_id is None or not new:
+    if found is None or not new:
         return Plan("", fresh, fresh)
-    return Plan(conversation_id, render_new_turns(new, names), fresh)
+    return Plan(found.conversation_id, render_new_turns(new, names), fresh, sits_on=found.message,
+                tools_seen=found.tools)
 
 
-def reply_mark(conversation_id, messages, reply_text, tool_calls, binding):
-    """The separator and mark that end a reply, bound to the transcript the client will resend."""
+def is_newest(plan, message_id, binding):
+    """Whether the Dify message a plan's mark sits on is `message_id`, its conversation's newest
+    message. It is not when the client regenerated or edited its last turn: Dify then holds a
+    discarded answer after the marked one."""
+    return isinstance(message_id, str) and plan.sits_on == marks.fingerprint(binding.secret, "message", message_id)
+
+
+def tools_fingerprint(catalogue, binding):
+    return marks.fingerprint(binding.secret, "tools", catalogue)
+
+
+def reply_mark(conversation_id, message_id, tools_seen, messages, reply_text, tool_calls, binding):
+    """The mark that ends a reply, bound to the transcript the client will resend, carrying the Dify
+    message it sits on and the tool catalogue the conversation now has."""
     reply = {"role": "assistant", "content": reply_text, "tool_calls": tool_calls}
-    mark = marks.make_mark(conversation_id, secret=binding.secret, app_id=binding.app_id,
-                           client_id=_mark_client(binding, list(messages) + [reply]))
-    return marks.mark_suffix(reply_text, mark)
+    return marks.make_mark(conversation_id, secret=binding.secret, app_id=binding.app_id,
+                           client_id=_mark_client(binding, list(messages) + [reply]), message_id=message_id,
+                           tools=tools_seen)

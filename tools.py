@@ -81,7 +81,8 @@ import string
 from dataclasses import dataclass
 
 __all__ = [
-    "ToolSpec", "ToolRequest", "ToolRequestError", "tool_request", "tool_instructions",
+    "ToolSpec", "ToolRequest", "ToolRequestError", "tool_request", "tool_instructions", "catalogue", "turn_rule",
+    "for_policy",
     "render_tool_calls", "render_tool_result", "ToolCallParser", "parse_tool_calls",
     "new_call_id", "MAX_HOLDBACK",
 ]
@@ -257,9 +258,6 @@ def tool_request(body):
 
 # --------------------------------------------------------------------------- instructions
 
-_MAX_DEPTH = 3
-
-
 def _one_line(text):
     return " ".join(str(text).split()) if text else ""
 
@@ -301,153 +299,194 @@ def _types(schema):
     return []
 
 
-def _summary(schema, root, depth=0):
-    """(type text, schema whose properties to list below, or None)."""
-    schema = _deref(schema, root)
-    if depth > 6:  # self-referencing schemas
-        return "object" if _types(schema) == ["object"] else "any", None
-    branches = schema.get("anyOf") or schema.get("oneOf")
-    if isinstance(branches, list) and branches and not _types(schema):
-        heads, nested = [], None
-        for branch in branches:
-            head, sub = _summary(branch, root, depth + 1)
-            heads.append(head)
-            nested = nested or sub
-        return " or ".join(dict.fromkeys(heads)), nested
-    types = _types(schema)
-    if not types:
-        if "enum" in schema and all(isinstance(v, str) for v in schema["enum"]):
-            return "string", None
-        return "any", None
-    heads, nested = [], None
-    for kind in types:
+_INLINE_DEPTH = 2       # nested objects written inline this deep; deeper ones get their JSON Schema
+_DESCRIPTION_MAX = 160  # a tool's description: its first sentence, at most this long
+_NOTE_MAX = 120         # a parameter's note, when it has one worth its cost
+_GUIDANCE = re.compile(r"e\.g\.|for example|example|format|\"[^\"]+\"|'[^']+'|\b(?:ISO|RFC|RRULE|regex|UTC)\b"
+                       r"|YYYY|\d{4}-\d{2}", re.I)
+
+
+_SENTENCE_END = re.compile(r"(?<!\be\.g)(?<!\bi\.e)(?<!\betc)(?<!\bvs)[.!?](?=\s|$)")
+
+
+def _first_sentence(text, limit):
+    """The first sentence (or line) of a description, cut at `limit` characters."""
+    text = " ".join(str(text or "").split())
+    if not text:
+        return ""
+    match = _SENTENCE_END.search(text)
+    sentence = text[:match.end()] if match else text
+    return sentence if len(sentence) <= limit else sentence[:limit - 1].rstrip() + "…"
+
+
+def _literal(value):
+    return _dump(value)
+
+
+class _Catalogue:
+    """Writes one tool's parameters tersely: `name: type`, `?` when optional, `= default`.
+    Objects nested up to _INLINE_DEPTH are written inline as `{key: type}`; anything the terse
+    form cannot say (deeper nesting, patterns, combinators of objects) gets its JSON Schema on a
+    line of its own, so the model still knows how to call the tool correctly."""
+
+    def __init__(self, root):
+        self.root = root
+        self.schemas = []  # (parameter path, schema) written out in full
+
+    def type_text(self, schema, path, depth=0):
+        schema = _deref(schema, self.root)
+        if depth > 6:
+            return "object" if _types(schema) == ["object"] else "any"
+        if "const" in schema:
+            return _literal(schema["const"])
+        if isinstance(schema.get("enum"), list) and schema["enum"]:
+            return "|".join(_literal(value) for value in schema["enum"])
+        branches = schema.get("anyOf") or schema.get("oneOf")
+        if isinstance(branches, list) and branches and not _types(schema):
+            return "|".join(dict.fromkeys(self.type_text(branch, path, depth + 1) for branch in branches))
+        types = _types(schema)
+        if not types:
+            return "any"
+        return "|".join(self._one_type(kind, schema, path, depth) for kind in types)
+
+    def _one_type(self, kind, schema, path, depth):
         if kind == "array":
-            items = _deref(schema.get("items"), root) if isinstance(schema.get("items"), dict) else {}
-            item_head, item_nested = _summary(items, root, depth + 1) if items else ("any", None)
-            heads.append(f"array of {item_head}")
-            nested = nested or item_nested
-        elif kind == "object":
-            if isinstance(schema.get("properties"), dict) and schema["properties"]:
-                heads.append("object")
-                nested = nested or schema
-            elif isinstance(schema.get("additionalProperties"), dict):
-                heads.append(f"object of {_summary(schema['additionalProperties'], root, depth + 1)[0]}")
-            else:
-                heads.append("object")
-        else:
-            heads.append(kind)
-    return " or ".join(heads), nested
+            items = schema.get("items")
+            inner = self.type_text(items, path + "[]", depth + 1) if isinstance(items, dict) else "any"
+            return f"({inner})[]" if "|" in inner else f"{inner}[]"
+        if kind == "object":
+            properties = schema.get("properties")
+            if isinstance(properties, dict) and properties:
+                if depth >= _INLINE_DEPTH:
+                    self.schemas.append((path, schema))
+                    return "object"
+                return "{" + ", ".join(self.parameters(schema, path, depth + 1)) + "}"
+            extra = schema.get("additionalProperties")
+            if isinstance(extra, dict) and extra:
+                return "{string: " + self.type_text(extra, path + "{}", depth + 1) + "}"
+            return "object"
+        text = kind
+        bits = []
+        if isinstance(schema.get("format"), str):
+            bits.append(schema["format"])
+        low, high = schema.get("minimum"), schema.get("maximum")
+        if isinstance(low, (int, float)) and not isinstance(low, bool) and isinstance(high, (int, float)) \
+                and not isinstance(high, bool):
+            bits.append(f"{low}..{high}")
+        elif isinstance(low, (int, float)) and not isinstance(low, bool):
+            bits.append(f">={low}")
+        elif isinstance(high, (int, float)) and not isinstance(high, bool):
+            bits.append(f"<={high}")
+        if isinstance(schema.get("pattern"), str):
+            bits.append("pattern " + schema["pattern"])
+        return f"{text} ({', '.join(bits)})" if bits else text
+
+    def parameters(self, schema, path="", depth=0):
+        """`name: type` for each property, required ones first as listed."""
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return []
+        required = schema.get("required") if isinstance(schema.get("required"), list) else []
+        out = []
+        for name, sub in properties.items():
+            sub = _deref(sub, self.root)
+            text = f"{name}{'' if name in required else '?'}: {self.type_text(sub, f'{path}.{name}' if path else name, depth)}"
+            if "default" in sub and sub["default"] is not None:
+                text += " = " + _literal(sub["default"])
+            out.append(text)
+        return out
+
+    def notes(self, schema):
+        """Parameter notes worth sending: descriptions that show a format, allowed values or an
+        example (what the model cannot guess from the name and type)."""
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            return []
+        notes = []
+        for name, sub in properties.items():
+            sub = _deref(sub, self.root)
+            description = str(sub.get("description") or "")
+            if description and _GUIDANCE.search(description):
+                notes.append(f"{name}: {_first_sentence(description, _NOTE_MAX)}")
+        return notes
 
 
-def _facts(schema, root):
-    schema = _deref(schema, root)
-    facts = []
-    if isinstance(schema.get("enum"), list):
-        facts.append("one of: " + ", ".join(_dump(v) for v in schema["enum"]))
-    if "const" in schema:
-        facts.append("always " + _dump(schema["const"]))
-    low = schema.get("minimum", schema.get("exclusiveMinimum"))
-    high = schema.get("maximum", schema.get("exclusiveMaximum"))
-    low = None if isinstance(low, bool) else low  # draft-4 boolean exclusiveMinimum
-    high = None if isinstance(high, bool) else high
-    if isinstance(low, (int, float)) and isinstance(high, (int, float)):
-        facts.append(f"{low}..{high}")
-    elif isinstance(low, (int, float)):
-        facts.append(f">= {low}" if "minimum" in schema else f"> {low}")
-    elif isinstance(high, (int, float)):
-        facts.append(f"<= {high}" if "maximum" in schema else f"< {high}")
-    if isinstance(schema.get("format"), str):
-        facts.append(f"format {schema['format']}")
-    if "default" in schema:
-        facts.append("default " + _dump(schema["default"]))
-    return facts
-
-
-def _property_lines(schema, root, indent, depth):
-    properties = schema.get("properties")
-    if not isinstance(properties, dict):
-        return []
-    required = schema.get("required") if isinstance(schema.get("required"), list) else []
-    lines = []
-    for name, sub in properties.items():
-        sub = _deref(sub, root)
-        head, nested = _summary(sub, root, depth)
-        bits = [head] + (["required"] if name in required else []) + _facts(sub, root)
-        line = f"{indent}- {name} ({', '.join(bits)})"
-        description = _one_line(sub.get("description") or sub.get("title"))
-        if description:
-            line += f": {description}"
-        lines.append(line)
-        if nested is not None:
-            if depth + 1 < _MAX_DEPTH:
-                lines.extend(_property_lines(_deref(nested, root), root, indent + "  ", depth + 1))
-            else:
-                lines.append(f"{indent}  - … (nested fields: {_dump(nested.get('properties', {}))})")
-    return lines
-
-
-def _tool_block(spec):
-    lines = [f"## {spec.name}"]
-    if spec.description:
-        lines.append(spec.description)
+def _tool_line(spec):
+    """One tool in the catalogue: `- name(params) — first sentence of its description`, then a
+    short line of parameter notes and any JSON Schema the terse form could not express."""
     schema = _deref(spec.parameters, spec.parameters)
-    properties = schema.get("properties")
-    if isinstance(properties, dict) and properties:
-        lines.append("Parameters:")
-        lines.extend(_property_lines(schema, spec.parameters, "", 0))
-    elif set(schema) - {"type", "properties", "required", "additionalProperties", "$schema", "title", "description"}:
-        lines.append("Parameters (JSON Schema): " + json.dumps(spec.parameters, ensure_ascii=False, separators=(",", ":")))
-    else:
-        lines.append("Parameters: none (use {}).")
+    writer = _Catalogue(spec.parameters)
+    head = f"- {spec.name}({', '.join(writer.parameters(schema))})"
+    description = _first_sentence(spec.description, _DESCRIPTION_MAX)
+    lines = [f"{head} — {description}" if description else head]
+    notes = writer.notes(schema)
+    if notes:
+        lines.append("  " + "; ".join(notes))
+    for path, sub in writer.schemas:
+        lines.append(f"  {path} is: " + json.dumps(sub, ensure_ascii=False, separators=(",", ":")))
+    if not isinstance(schema.get("properties"), dict) and set(schema) - {
+            "type", "properties", "required", "additionalProperties", "$schema", "title", "description"}:
+        lines.append("  arguments (JSON Schema): " + json.dumps(spec.parameters, ensure_ascii=False,
+                                                                separators=(",", ":")))
     return "\n".join(lines)
 
 
-def tool_instructions(request):
-    """The text appended to the Dify query: the catalogue, the exact protocol, and the
-    tool_choice/parallel rules. Deterministic (same request -> same text).
+def catalogue(request):
+    """The tools and how to call them: what a conversation needs to be told once. Deterministic
+    (same tools -> same text), so its fingerprint tells whether a conversation has seen it."""
+    if request is None or not request.tools:
+        return ""
+    example = request.forced_name if request.choice == "function" else "TOOL_NAME"
+    rules = [
+        "One call per block; \"arguments\" is a JSON object with the parameters above (valid JSON, "
+        "every required one). Write blocks as plain text, not in a code fence.",
+        "To call several tools at once, write one block per call." if request.parallel else
+        "Call at most one tool per reply, then wait for its result.",
+        "After your last </tool_call> stop. Results come back as <tool_result id=\"…\" name=\"…\"> blocks; "
+        "never write those yourself. Call a tool only when it helps; otherwise answer normally.",
+    ]
+    return "\n".join([
+        "# Tools",
+        "You can call these tools. Parameters are `name: type`; `?` marks optional ones, `= x` a default.",
+        *(_tool_line(spec) for spec in request.tools),
+        "To call a tool, write:",
+        "<tool_call>\n" + _dump({"name": example, "arguments": {"PARAMETER": "value"}}) + "\n</tool_call>",
+        *rules,
+    ])
 
-    With a forced function only that tool is listed: the model must call it, and the other
-    tools would only cost tokens and invite the wrong call.
-    """
+
+def turn_rule(request):
+    """What this request's `tool_choice` demands of this one reply (sent every turn, unlike the catalogue)."""
+    if request is None:
+        return ""
+    if request.choice == "required":
+        return "You must call at least one tool in this reply; do not answer with text only."
+    if request.choice == "function":
+        return f"You must call the tool \"{request.forced_name}\" in this reply; do not answer with text only."
+    return ""
+
+
+def tool_instructions(request, with_catalogue=True):
+    """The text appended to the Dify query: the catalogue (unless the conversation already has it)
+    and the turn's tool_choice rule."""
     if request is None or request.choice == "none" or not request.tools:
         return ""
-    tools = request.tools
+    parts = [catalogue(request) if with_catalogue else "", turn_rule(request)]
+    return "\n\n".join(part for part in parts if part)
+
+
+def for_policy(request, policy):
+    """The tools a request keeps under the operator's CLIENT_TOOLS policy: `all`; `forced` (only
+    when tool_choice forces a call: all tools for "required", the named one for a function);
+    `off` (none). None when no tool is left."""
+    if request is None or policy == "off":
+        return None
     if request.choice == "function":
-        tools = tuple(spec for spec in tools if spec.name == request.forced_name) or tools
-    example = request.forced_name if request.choice == "function" else "TOOL_NAME"
-    parts = [
-        "# Tools",
-        "You can call the tools below. Each parameter shows its JSON type; "
-        "parameters marked \"required\" must always be given.",
-        "\n\n".join(_tool_block(spec) for spec in tools),
-        "# How to call a tool",
-        "To call a tool, write a <tool_call> block: the tag <tool_call>, one JSON object with the "
-        "tool's \"name\" and its \"arguments\", then the tag </tool_call>:",
-        "<tool_call>\n" + _dump({"name": example, "arguments": {"PARAMETER_NAME": "value"}}) + "\n</tool_call>",
-    ]
-    rules = [
-        "- \"arguments\" is a JSON object (valid JSON: double quotes, no comments, no trailing commas) "
-        "whose keys are the parameter names listed for that tool; include every required parameter.",
-        "- Write the block as plain text, not inside a code fence, and do not describe a call instead of making it.",
-    ]
-    if request.parallel:
-        rules.append("- To call several tools at once, write one <tool_call> block per call, one after another.")
-    else:
-        rules.append("- Call at most one tool per reply: write a single <tool_call> block, "
-                     "then wait for its result before calling another tool.")
-    rules.append("- You may write a short sentence before the first block. After your last </tool_call>, stop: "
-                 "write nothing more. The results come back in the next message as "
-                 "<tool_result id=\"...\" name=\"...\"> blocks; never write <tool_result> yourself "
-                 "and never invent results.")
-    if request.choice == "required":
-        rules.append("- You must call at least one tool in this reply; do not answer with text only.")
-    elif request.choice == "function":
-        rules.append(f"- You must call the tool \"{request.forced_name}\" in this reply; do not answer with text only.")
-    else:
-        rules.append("- Call a tool only when it is needed to answer. Otherwise answer normally, "
-                     "without any <tool_call> block.")
-    parts.append("Rules:\n" + "\n".join(rules))
-    return "\n\n".join(parts)
+        kept = tuple(spec for spec in request.tools if spec.name == request.forced_name) or request.tools
+        return ToolRequest(kept, request.choice, request.forced_name, request.parallel, request.legacy)
+    if policy == "forced" and request.choice != "required":
+        return None
+    return request
 
 
 # --------------------------------------------------------------------------- history rendering

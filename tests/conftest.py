@@ -89,15 +89,34 @@ class Harness:
         return response.status, {k.lower(): v for k, v in response.getheaders()}, data
 
     def chat_bodies(self):
-        return [r.json for r in self.dify.requests_to("/chat-messages")]
+        """What the proxy sent Dify for chats (not the mode probes it sends apps whose /info has no mode)."""
+        return [r.json for r in self.dify.requests_to("/chat-messages")
+                if (r.json or {}).get("user") != "opendify-mode-probe"]
+
+
+DIFY_PROFILES = ("1.13", "0.11")
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked `real_difies` run once per real-Dify profile of the fake (see fake_dify.PROFILES);
+    the others run against the fake as written from the documentation."""
+    if "dify_profile" in metafunc.fixturenames and metafunc.definition.get_closest_marker("real_difies"):
+        metafunc.parametrize("dify_profile", DIFY_PROFILES, ids=[f"dify{name}" for name in DIFY_PROFILES])
 
 
 @pytest.fixture
-def make_harness(loop):
-    """Builds a harness; keyword arguments override settings (as env names) or pass apps/fake options."""
+def dify_profile():
+    return None
+
+
+@pytest.fixture
+def make_harness(loop, dify_profile):
+    """Builds a harness; keyword arguments override settings (as env names) or pass apps/fake options;
+    `listed=False` skips waiting for the first model listing."""
     made = []
 
-    def make(apps=None, env=None, **fake_options):
+    def make(apps=None, env=None, listed=True, **fake_options):
+        fake_options.setdefault("profile", dify_profile)
         dify = FakeDify(apps or default_apps(), **fake_options)
         loop.run(dify.start())
         settings = settings_from({
@@ -110,7 +129,8 @@ def make_harness(loop):
 
         async def boot():
             server, proxy, port = start(settings)
-            await proxy.registry.refresh()
+            if listed:  # else the test meets the proxy as a client right after start-up does
+                await proxy.registry.refresh()
             return server, proxy, port
 
         server, proxy, port = loop.run(boot())

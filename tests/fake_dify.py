@@ -65,6 +65,8 @@ CHAT_MODES = ("chat", "agent-chat", "advanced-chat")
 ALL_MODES = CHAT_MODES + ("completion", "workflow")
 DEFAULT_USER = "DEFAULT-USER"
 SERVER_VERSION = "1.12.1"
+WORKER_MODES = ("advanced-chat", "workflow")
+ABORTED = "Aborted: User requested stop"
 
 # Events that belong to the workflow engine; in chatflows they also carry workflow_run_id.
 _WORKFLOW_EVENT_PREFIXES = (
@@ -93,6 +95,8 @@ class FakeApp:
     mode: str = "chat"
     info_has_mode: bool = True
     info_status: int = 200
+    info_body: Any = None  # answer /info with exactly this JSON instead
+    info_delay: float = 0.0  # seconds /info takes to answer
     parameters: dict | None = None
     app_id: str = field(default_factory=lambda: str(uuid4()))
 
@@ -105,8 +109,10 @@ class FakeApp:
         """Stable id of the app's published workflow (chatflow/workflow events use it)."""
         return str(uuid.uuid5(uuid.UUID(self.app_id), "workflow"))
 
-    def effective_parameters(self) -> dict:
-        return copy.deepcopy(self.parameters) if self.parameters is not None else default_parameters(self.mode)
+    def effective_parameters(self, style: str = "docs") -> dict:
+        if self.parameters is not None:
+            return copy.deepcopy(self.parameters)
+        return versioned_parameters(self.mode, style)
 
 
 @dataclass
@@ -232,7 +238,54 @@ class Start:
     chatflow/workflow, an empty agent_thought for agent-chat, nothing otherwise)."""
 
 
-_STEP_TYPES = (Text, Event, Raw, Sleep, Ping, End, ErrorEvent, Drop, Hang, HttpError, Start)
+@dataclass
+class Silence:
+    """Pause with no pings at all (a 1.13 run waiting for a free worker, R2)."""
+
+    seconds: float
+
+
+_STEP_TYPES = (Text, Event, Raw, Sleep, Ping, End, ErrorEvent, Drop, Hang, HttpError, Start, Silence)
+
+
+# --------------------------------------------------------------------------- version profiles
+
+
+@dataclass(frozen=True)
+class Profile:
+    """What one real Dify version does on the wire, where the proxy can notice (captures in
+    /work/shared/reference/dify-captures, facts R1-R23 of its README). ``docs`` is the fake as it
+    was written from the documentation (1.12.1) and stays the default."""
+
+    name: str
+    version: str
+    json_style: str = "orjson"  # R11: SSE JSON
+    compact_bodies: bool = False  # R11: JSON answers (errors, lists) without spaces
+    chatflow_end_order: str = "workflow_first"  # R4
+    worker_runs: bool = False  # R1/R2/R3: streaming chatflow/workflow runs go through a worker
+    aborted_stops: bool = False  # R5: a stopped chatflow/workflow ends with a failed workflow_finished
+    end_linger: float = 0.0  # R10: seconds the response stays open after the terminal event
+    info_has_mode: bool = True  # R13/R14: /info carries mode, tags, author_name
+    reqparse_errors: bool = False  # R15: validation errors {code, message, params}, no status
+    usage_style: str = "docs"  # R12: "1.13" (no LLM in a flow: zeros, "0.0"), "0.11" ("0E-7")
+    empty_final_text: bool = False  # R22: an empty text event before the terminal ones
+    parameters_style: str = "docs"  # R17: "1.13" or "0.11" file_upload and feature shapes
+    extra_headers: tuple = ()  # R23
+
+
+PROFILES = {
+    "docs": Profile("docs", SERVER_VERSION),
+    "1.13": Profile(
+        "1.13", "1.13.2", json_style="orjson", compact_bodies=True, chatflow_end_order="message_first",
+        worker_runs=True, aborted_stops=True, end_linger=1.0, usage_style="1.13", parameters_style="1.13",
+        extra_headers=(("X-Version", "1.13.2"), ("X-Env", "PRODUCTION"), ("Vary", "Cookie")),
+    ),
+    "0.11": Profile(
+        "0.11", "0.11.1", json_style="dumps", chatflow_end_order="workflow_first", info_has_mode=False,
+        reqparse_errors=True, usage_style="0.11", empty_final_text=True, parameters_style="0.11",
+        extra_headers=(("X-Version", "0.11.1"), ("X-Env", "PRODUCTION")),
+    ),
+}
 
 
 # --------------------------------------------------------------------------- helpers
@@ -294,6 +347,58 @@ def default_parameters(mode: str = "chat") -> dict:
     }
 
 
+def versioned_parameters(mode: str, style: str) -> dict:
+    """default_parameters in the shape a Dify version gives them (R17). 1.13: ``file_upload`` is
+    the new shape without an ``image`` key. 0.11: apps configured by a model config (chat, agent,
+    completion) have only the legacy ``image`` setting; workflow-based apps (chatflow, workflow)
+    have the new shape plus 0.11's extra keys, and their features and form items are serialised
+    from the workflow (``type``/``options`` in every form item, bare ``sensitive_word_avoidance``)."""
+    parameters = default_parameters(mode)
+    if style == "docs":
+        return parameters
+    upload = parameters["file_upload"]
+    image = upload.pop("image")
+    if style == "1.13":
+        return parameters
+    if mode not in WORKER_MODES:
+        parameters["file_upload"] = {"image": {**image, "detail": "low", "transfer_methods": ["local_file", "remote_url"]}}
+        parameters["text_to_speech"] = {"enabled": False}
+        return parameters
+    upload["allowed_file_extensions"] = [".JPG", ".JPEG", ".PNG", ".GIF", ".WEBP", ".SVG"]
+    upload["allowed_upload_methods"] = list(upload["allowed_file_upload_methods"])
+    upload["allowed_extensions"] = []
+    parameters["sensitive_word_avoidance"] = {"enabled": False}
+    parameters["text_to_speech"] = {"enabled": False, "language": "", "voice": ""}
+    for item in parameters["user_input_form"]:
+        kind, spec = next(iter(item.items()))
+        spec["type"] = kind
+        spec.setdefault("options", [])
+    return parameters
+
+
+def _zero_usage(style: str, latency: float) -> dict:
+    """A run without an LLM: every count 0, prices "0.0" (R12)."""
+    usage: dict[str, Any] = {}
+    for side in ("prompt", "completion"):
+        usage.update({f"{side}_tokens": 0, f"{side}_unit_price": "0.0", f"{side}_price_unit": "0.0",
+                      f"{side}_price": "0.0"})
+    usage.update({"total_tokens": 0, "total_price": "0.0", "currency": "USD", "latency": 0.0})
+    if style == "1.13":
+        usage.update({"time_to_first_token": round(latency, 3), "time_to_generate": 0.001})
+    return usage
+
+
+def _free_model_usage(prompt_tokens: int, completion_tokens: int, latency: float) -> dict:
+    """0.11 with a model whose price is 0: Decimal zeros serialised as "0" and "0E-7" (R12)."""
+    usage: dict[str, Any] = {}
+    for side, tokens in (("prompt", prompt_tokens), ("completion", completion_tokens)):
+        usage.update({f"{side}_tokens": tokens, f"{side}_unit_price": "0", f"{side}_price_unit": "0",
+                      f"{side}_price": "0E-7"})
+    usage.update({"total_tokens": prompt_tokens + completion_tokens, "total_price": "0E-7", "currency": "USD",
+                  "latency": latency})
+    return usage
+
+
 _PROMPT_UNIT_PRICE = Decimal("0.0015")
 _COMPLETION_UNIT_PRICE = Decimal("0.002")
 _PRICE_UNIT = Decimal("0.001")
@@ -342,9 +447,11 @@ def _is_uuid(value: str) -> bool:
 class _ApiError(Exception):
     """A Dify error envelope to answer with (HTTP status == envelope status)."""
 
-    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                 params: str | None = None) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+        self.params = params
 
 
 def _invalid_param(message: str) -> _ApiError:
@@ -418,6 +525,7 @@ class _Execution:
         self.end_user_id = str(uuid.uuid5(uuid.NAMESPACE_URL, f"{app.key}/{user}"))
         # What the run produced so far.
         self.text = ""
+        self.message_row: dict | None = None  # the stored message of a chat run (GET /messages)
         self.text_events = 0
         self.ended = False  # terminal events already produced
         self.final: dict[str, Any] = {}  # status/usage/outputs/error of the terminal
@@ -429,6 +537,7 @@ class _Execution:
         self.stop_requested = False
         self.gone = False
         self.aborted = False
+        self.thought_ids: dict[Any, str] = {}
         self._wake = asyncio.Event()
         interval = fake.ping_interval
         self._next_ping = asyncio.get_running_loop().time() + interval if interval and interval > 0 else None
@@ -452,8 +561,18 @@ class _Execution:
 
     # ---- running the script
 
+    @property
+    def in_worker(self) -> bool:
+        """Whether Dify 1.13 runs this request in its Celery worker (streaming chatflow/workflow)."""
+        return self.streaming and self.fake.profile.worker_runs and self.app.mode in WORKER_MODES
+
     async def run(self, steps: list) -> None:
         try:
+            if self.in_worker:
+                await self._write(_PING)  # R3: before anything else, from the API process
+                if self.fake.queue_delay > 0:  # R2: no worker slot free yet, and no pings meanwhile
+                    await self._quiet(self.fake.queue_delay)
+                    self._restart_pings()
             for step in steps:
                 if self._interrupted():
                     break
@@ -461,8 +580,25 @@ class _Execution:
                     break
             if self.stop_requested and not self.ended and not (self.gone or self.aborted):
                 await self._end(End(status="stopped"))
+            if self.ended and self.streaming and self.fake.end_linger > 0:
+                await self._quiet(self.fake.end_linger)  # R10: the end of the response comes late
         except _ClientGone:
             self.outcome = "gone"
+
+    def _restart_pings(self) -> None:
+        interval = self.fake.ping_interval
+        if self._next_ping is not None:
+            self._next_ping = asyncio.get_running_loop().time() + interval
+
+    async def _quiet(self, seconds: float) -> None:
+        """Wait without pings; a stop, a departed client or the fake stopping cuts it short."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self._interrupted() and loop.time() < deadline:
+            try:
+                await asyncio.wait_for(self._wake.wait(), deadline - loop.time())
+            except asyncio.TimeoutError:
+                pass
 
     async def _do(self, step: Any) -> bool:
         """Execute one step; True means the run is over."""
@@ -489,6 +625,9 @@ class _Execution:
                 await self.emit(event)
         elif isinstance(step, Hang):
             await self._pause(None)
+        elif isinstance(step, Silence):
+            await self._quiet(step.seconds)
+            self._restart_pings()
         elif isinstance(step, ErrorEvent):
             self.outcome = "error_event"
             self.error = _ApiError(step.status, step.code, step.message)
@@ -546,6 +685,8 @@ class _Execution:
             self.text_events += 1
         elif name == "message_replace":
             self.text = str(event.get("answer", ""))
+        if self.message_row is not None:
+            self.message_row["answer"] = self.text
         if self.streaming:
             await self._write(b"data: " + self.fake._encode(event) + b"\n\n")
             self.at_boundary = True
@@ -588,6 +729,9 @@ class _Execution:
         return env
 
     def _fill(self, body: dict) -> dict:
+        if body["event"] == "agent_thought" and "id" not in body:
+            # One id per round, reused by every update of that round (R22).
+            body = {**body, "id": self.thought_ids.setdefault(body.get("position"), str(uuid4()))}
         out = self._envelope(body["event"])
         for key in out:
             if key in body:
@@ -632,7 +776,6 @@ class _Execution:
                 self._fill(
                     {
                         "event": "agent_thought",
-                        "id": str(uuid4()),
                         "position": 1,
                         "thought": "",
                         "observation": "",
@@ -642,7 +785,7 @@ class _Execution:
                         "message_files": [],
                     }
                 )
-            ]
+            ] + ([self._fill({"event": "agent_message", "answer": ""})] if self.fake.profile.empty_final_text else [])
         if mode not in ("advanced-chat", "workflow"):
             return []
         node = {
@@ -693,19 +836,31 @@ class _Execution:
         ]
 
     def _usage(self, override: dict | None) -> dict:
+        style = self.fake.profile.usage_style
+        latency = round(time.monotonic() - self.started_mono, 4)
+        if override is None and style == "1.13" and self.app.mode in WORKER_MODES:
+            return _zero_usage(style, latency)  # the 1.13 flows captured have no LLM node
         override = override or {}
         prompt = override.get("prompt_tokens", len(self.query.split()) or 1)
         completion = override.get("completion_tokens", self.text_events)
-        usage = make_usage(prompt, completion, round(time.monotonic() - self.started_mono, 4))
+        if style == "0.11":
+            usage = (_zero_usage(style, latency) if self.app.mode in WORKER_MODES and not override
+                     else _free_model_usage(prompt, completion, latency))
+        else:
+            usage = make_usage(prompt, completion, latency)
         usage.update(override)
         return usage
 
     def _message_end(self, usage: dict) -> dict:
+        if self.fake.profile.usage_style == "0.11":
+            metadata: dict[str, Any] = {"usage": usage}
+        else:
+            metadata = {"annotation_reply": None, "retriever_resources": [], "usage": usage}
         return self._fill(
             {
                 "event": "message_end",
                 "id": self.message_id,
-                "metadata": {"annotation_reply": None, "retriever_resources": [], "usage": usage},
+                "metadata": metadata,
                 "files": [] if self.app.mode == "advanced-chat" else None,
             }
         )
@@ -743,6 +898,15 @@ class _Execution:
         error = step.error if step.error is not None else ("Fake workflow failure" if status == "failed" else None)
         default_key = "answer" if mode == "advanced-chat" else "text"
         outputs = step.outputs if step.outputs is not None else {default_key: self.text}
+        if status == "stopped" and self.fake.profile.aborted_stops and mode in WORKER_MODES:
+            # R5: 1.13 reports a stopped flow as a failed run, and a chatflow gets no message_end.
+            self.ended = True
+            outputs = step.outputs if step.outputs is not None else {default_key: self.text}
+            self.final = {"status": "failed", "usage": usage, "outputs": outputs, "error": ABORTED}
+            await self.emit(self._workflow_finished("failed", outputs, ABORTED, usage))
+            return
+        if self.fake.profile.empty_final_text and mode != "workflow" and status != "failed":
+            await self.emit(self._text_event(""))  # R22
         self.ended = True
         self.final = {"status": status, "usage": usage, "outputs": outputs, "error": error}
         if mode in ("chat", "agent-chat", "completion"):
@@ -815,6 +979,7 @@ _ROUTES: list[tuple[re.Pattern, dict[str, str], bool]] = [
         (r"/parameters", {"GET": "_parameters"}, True),
         (r"/meta", {"GET": "_meta"}, True),
         (r"/conversations", {"GET": "_list_conversations"}, True),
+        (r"/messages", {"GET": "_list_messages"}, True),
         (r"/conversations/(?P<conversation_id>[^/]+)", {"DELETE": "_delete_conversation"}, True),
     ]
 ]
@@ -834,9 +999,20 @@ class _DifyHandler(RequestHandler):
     def initialize(self, fake: FakeDify) -> None:
         self.fake = fake
         self.execution: _Execution | None = None
+        self.set_default_headers()
 
     def compute_etag(self) -> None:
         return None
+
+    def set_default_headers(self) -> None:
+        fake = getattr(self, "fake", None)  # Tornado calls this once before initialize()
+        for name, value in fake.profile.extra_headers if fake is not None else ():
+            self.set_header(name, value)
+
+    def _dumps(self, body: Any) -> str:
+        if self.fake.profile.compact_bodies:
+            return json.dumps(body, separators=(",", ":"))
+        return json.dumps(body)
 
     def prepare(self) -> None:
         self.fake._record(self.request)
@@ -889,12 +1065,15 @@ class _DifyHandler(RequestHandler):
         self.set_header("Content-Type", "application/json")
         for key, value in err.headers.items():
             self.set_header(key, value)
-        self.finish(json.dumps({"code": err.code, "message": err.message, "status": err.status}))
+        if err.params is not None:  # R15: reqparse errors name the field and have no status
+            self.finish(self._dumps({"code": err.code, "message": err.message, "params": err.params}))
+            return
+        self.finish(self._dumps({"code": err.code, "message": err.message, "status": err.status}))
 
     def _send_json(self, body: Any, status: int = 200) -> None:
         self.set_status(status)
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(body))
+        self.finish(self._dumps(body))
 
     def _json_body(self) -> dict:
         """What Flask's request.get_json() accepts, with Werkzeug's errors."""
@@ -913,6 +1092,20 @@ class _DifyHandler(RequestHandler):
             raise _ApiError(400, "bad_request", "Invalid JSON payload received or JSON payload is empty.")
         return data
 
+    def _invalid(self, model: str, field_name: str, msg: str, kind: str, value: Any) -> _ApiError:
+        """A request validation error: 1.x pydantic text, or 0.11 reqparse's {message, params} (R15)."""
+        if not self.fake.profile.reqparse_errors:
+            return _pydantic_error(model, field_name, msg, kind, value)
+        if kind == "missing":
+            message = "Missing required parameter in the JSON body"
+        elif kind == "literal_error":
+            message = f"{value} is not a valid choice"
+        elif field_name == "conversation_id" and kind == "value_error":
+            message = f"{value} is not a valid uuid."
+        else:
+            message = msg
+        return _ApiError(400, "invalid_param", message, params=field_name)
+
     @staticmethod
     def _user(value: Any, required: bool) -> str:
         if value is None or value == "":
@@ -927,18 +1120,27 @@ class _DifyHandler(RequestHandler):
         self._send_json({"welcome": "Dify OpenAPI", "api_version": "v1", "server_version": SERVER_VERSION})
 
     async def _info(self, app: FakeApp) -> None:
+        if app.info_delay > 0:
+            await asyncio.sleep(app.info_delay)
         if app.info_status != 200:
             code, message = _STATUS_ERRORS.get(app.info_status, ("unknown", "Internal Server Error"))
             headers = _UNAUTHORIZED_HEADERS if app.info_status == 401 else None
             raise _ApiError(app.info_status, code, message, headers)
-        body: dict[str, Any] = {"name": app.name, "description": f"{app.name} (fake)", "tags": []}
+        if app.info_body is not None:
+            self._send_json(app.info_body)
+            return
+        body: dict[str, Any] = {"name": app.name, "description": f"{app.name} (fake)"}
+        if not self.fake.profile.info_has_mode:  # R13: 0.11 has neither tags nor mode
+            self._send_json(body)
+            return
+        body["tags"] = []
         if app.info_has_mode:  # mode since 1.4.0, author_name since 1.4.3
             body["mode"] = app.mode
             body["author_name"] = "Fake Dify"
         self._send_json(body)
 
     async def _parameters(self, app: FakeApp) -> None:
-        self._send_json(app.effective_parameters())
+        self._send_json(self.fake.parameters_of(app))
 
     async def _meta(self, _app: FakeApp) -> None:
         self._send_json({"tool_icons": {}})
@@ -957,6 +1159,31 @@ class _DifyHandler(RequestHandler):
         ]
         rows.sort(key=lambda row: row["updated_at"], reverse=True)
         self._send_json({"limit": limit, "has_more": len(rows) > limit, "data": rows[:limit]})
+
+    async def _list_messages(self, app: FakeApp) -> None:
+        """The latest `limit` messages of a conversation (before `first_id`), oldest first."""
+        self._require_chat(app)
+        user = self._user(self.get_query_argument("user", None), required=False)
+        conversation_id = self.get_query_argument("conversation_id", "")
+        if not conversation_id:
+            raise self._invalid("MessageListQuery", "conversation_id", "Field required", "missing", {})
+        try:
+            limit = int(self.get_query_argument("limit", "20"))
+        except ValueError:
+            limit = 20
+        if not 1 <= limit <= 100:
+            raise _invalid_param("limit must be between 1 and 100")
+        if self.fake.conversations.get(conversation_id) != (app.key, user):
+            raise _ApiError(404, "not_found", "Conversation Not Exists.")
+        rows = list(self.fake.messages.get(conversation_id, []))
+        first_id = self.get_query_argument("first_id", "")
+        if first_id:
+            ids = [row["id"] for row in rows]
+            if first_id not in ids:
+                raise _ApiError(404, "not_found", "First Message Not Exists.")
+            rows = rows[: ids.index(first_id)]
+        page = rows[-limit:]
+        self._send_json({"limit": limit, "has_more": len(rows) > limit, "data": page})
 
     async def _delete_conversation(self, app: FakeApp, conversation_id: str) -> None:
         user = self._user(self._json_body().get("user"), required=False)
@@ -1052,20 +1279,21 @@ class _DifyHandler(RequestHandler):
     def _common_payload(self, model: str, data: dict) -> tuple[dict, bool]:
         """Validate the pydantic fields shared by all generation payloads."""
         if "inputs" not in data:
-            raise _pydantic_error(model, "inputs", "Field required", "missing", data)
+            raise self._invalid(model, "inputs", "Field required", "missing", data)
         if not isinstance(data["inputs"], dict):
-            raise _pydantic_error(model, "inputs", "Input should be a valid dictionary", "dict_type", data["inputs"])
+            raise self._invalid(model, "inputs", "Input should be a valid dictionary", "dict_type", data["inputs"])
         mode = data.get("response_mode")
         if mode not in (None, "blocking", "streaming"):
-            raise _pydantic_error(model, "response_mode", "Input should be 'blocking' or 'streaming'", "literal_error", mode)
+            raise self._invalid(model, "response_mode", "Input should be 'blocking' or 'streaming'", "literal_error", mode)
         files = data.get("files")
         if files is not None and not isinstance(files, list):
-            raise _pydantic_error(model, "files", "Input should be a valid list", "list_type", files)
+            raise self._invalid(model, "files", "Input should be a valid list", "list_type", files)
         return data["inputs"], mode == "streaming"
 
     def _check_inputs(self, app: FakeApp, inputs: dict) -> None:
-        """The required/option checks of BaseAppGenerator._validate_inputs."""
-        for item in app.effective_parameters().get("user_input_form") or []:
+        """The required/type/length/option checks of BaseAppGenerator._validate_inputs (texts as both
+        real servers word them, captures strict_required_input.txt)."""
+        for item in self.fake.parameters_of(app).get("user_input_form") or []:
             if not isinstance(item, dict) or not item:
                 continue
             kind, spec = next(iter(item.items()))
@@ -1077,12 +1305,18 @@ class _DifyHandler(RequestHandler):
                 if spec.get("required"):
                     raise _invalid_param(f"{var} is required in input form")
                 continue
+            if kind in ("text-input", "paragraph", "select") and not isinstance(value, str):
+                raise _invalid_param(f"(type '{kind}') {var} in input form must be a string")
+            max_length = spec.get("max_length")
+            if kind in ("text-input", "paragraph") and isinstance(max_length, int) and len(value) > max_length:
+                raise _invalid_param(f"{var} in input form must be less than {max_length} characters")
             if kind == "select" and spec.get("options") and value not in spec["options"]:
                 raise _invalid_param(f"{var} in input form must be one of the following: {spec['options']}")
 
     def _check_files(self, app: FakeApp, files: list | None) -> None:
         """Local-file references must name an upload, when the app accepts files at all."""
-        if not files or not (app.effective_parameters().get("file_upload") or {}).get("enabled"):
+        upload = self.fake.parameters_of(app).get("file_upload") or {}
+        if not files or not (upload.get("enabled") or (upload.get("image") or {}).get("enabled")):
             return
         for item in files:
             if isinstance(item, dict) and item.get("transfer_method") == "local_file":
@@ -1096,28 +1330,32 @@ class _DifyHandler(RequestHandler):
         model = "ChatRequestPayload"
         inputs, streaming = self._common_payload(model, data)
         if "query" not in data:
-            raise _pydantic_error(model, "query", "Field required", "missing", data)
+            raise self._invalid(model, "query", "Field required", "missing", data)
         query = data["query"]
         if not isinstance(query, str):
-            raise _pydantic_error(model, "query", "Input should be a valid string", "string_type", query)
+            raise self._invalid(model, "query", "Input should be a valid string", "string_type", query)
         query = query.replace("\x00", "")
         conversation_id = data.get("conversation_id")
         if conversation_id is not None and not isinstance(conversation_id, str):
-            raise _pydantic_error(model, "conversation_id", "Input should be a valid string", "string_type",
+            raise self._invalid(model, "conversation_id", "Input should be a valid string", "string_type",
                                   conversation_id)
         conversation_id = (conversation_id or "").strip() or None
         if conversation_id is not None and not _is_uuid(conversation_id):
-            raise _pydantic_error(model, "conversation_id", "Value error, conversation_id must be a valid UUID",
+            raise self._invalid(model, "conversation_id", "Value error, conversation_id must be a valid UUID",
                                   "value_error", conversation_id)
         if app.mode == "agent-chat" and not streaming:
             raise _invalid_param("Agent Chat App does not support blocking mode")
         if not query:
             raise _invalid_param("query is required")
-        if conversation_id is not None and self.fake.conversations.get(conversation_id) != (app.key, user):
-            raise _ApiError(404, "not_found", "Conversation Not Exists.")
-        self._check_inputs(app, inputs)
-        self._check_files(app, data.get("files"))
-        await self._generate(app, "chat", user, query, inputs, streaming, conversation_id=conversation_id or "")
+
+        def worker_checks() -> None:
+            if conversation_id is not None and self.fake.conversations.get(conversation_id) != (app.key, user):
+                raise _ApiError(404, "not_found", "Conversation Not Exists.")
+            self._check_inputs(app, inputs)
+            self._check_files(app, data.get("files"))
+
+        if await self._passes_worker_checks(app, "chat", user, streaming, worker_checks):
+            await self._generate(app, "chat", user, query, inputs, streaming, conversation_id=conversation_id or "")
 
     async def _completion_messages(self, app: FakeApp) -> None:
         data = self._json_body()
@@ -1127,7 +1365,7 @@ class _DifyHandler(RequestHandler):
         inputs, streaming = self._common_payload("CompletionRequestPayload", data)
         query = data.get("query") or ""
         if not isinstance(query, str):
-            raise _pydantic_error("CompletionRequestPayload", "query", "Input should be a valid string",
+            raise self._invalid("CompletionRequestPayload", "query", "Input should be a valid string",
                                   "string_type", query)
         self._check_inputs(app, inputs)
         self._check_files(app, data.get("files"))
@@ -1139,8 +1377,22 @@ class _DifyHandler(RequestHandler):
         if app.mode != "workflow":
             raise _ApiError(400, "not_workflow_app", _MODE_MISMATCH)
         inputs, streaming = self._common_payload("WorkflowRunPayload", data)
-        self._check_inputs(app, inputs)
-        await self._generate(app, "workflow", user, "", inputs, streaming)
+        if await self._passes_worker_checks(app, "workflow", user, streaming, lambda: self._check_inputs(app, inputs)):
+            await self._generate(app, "workflow", user, "", inputs, streaming)
+
+    async def _passes_worker_checks(self, app: FakeApp, kind: str, user: str, streaming: bool, checks: Any) -> bool:
+        """Runs the checks Dify 1.13 leaves to its worker for streaming chatflow/workflow requests (R1):
+        there a failure is no HTTP error but a 200 with one ping, then silence until Dify's own cut,
+        then the end of the response with no terminal event. Elsewhere it is the usual error."""
+        try:
+            checks()
+        except _ApiError as error:
+            if not (streaming and self.fake.profile.worker_runs and app.mode in WORKER_MODES):
+                raise
+            self.fake.silent_failures.append((error.status, error.code, error.message))
+            await self._generate(app, kind, user, "", {}, True, steps=[Silence(self.fake.worker_silence)])
+            return False
+        return True
 
     async def _generate(
         self,
@@ -1151,9 +1403,11 @@ class _DifyHandler(RequestHandler):
         inputs: dict,
         streaming: bool,
         conversation_id: str | None = None,
+        steps: list | None = None,
     ) -> None:
-        """Run the next script (or the default run) for a request that passed validation."""
-        steps = self.fake._next_script(app.key)
+        """Run the next script (or the default run, or the given steps) for a request that passed validation."""
+        if steps is None:
+            steps = self.fake._next_script(app.key)
         prompt = query or next((v for v in inputs.values() if isinstance(v, str)), "")
         if steps is None:
             steps = [Start(), Text(*_split3("Echo: " + prompt)), End()]
@@ -1167,6 +1421,8 @@ class _DifyHandler(RequestHandler):
             conversation_id=conversation_id, streaming=streaming,
         )
         self.execution = execution
+        if conversation_id:
+            self.fake._add_message(execution)
         self.fake._executions[execution.task_id] = execution
         if streaming:
             self.fake.active_streams += 1
@@ -1217,11 +1473,17 @@ class FakeDify:
         self,
         apps: list[FakeApp],
         *,
-        json_style: str = "orjson",
-        chatflow_end_order: str = "workflow_first",
+        profile: str | None = None,
+        json_style: str | None = None,
+        chatflow_end_order: str | None = None,
         ping_interval: float = 10.0,
         message_file_text: bool = False,
     ) -> None:
+        if (profile or "docs") not in PROFILES:
+            raise ValueError(f"unknown Dify profile {profile!r}; known: {', '.join(PROFILES)}")
+        self.profile = PROFILES[profile or "docs"]
+        json_style = json_style or self.profile.json_style
+        chatflow_end_order = chatflow_end_order or self.profile.chatflow_end_order
         if json_style not in ("orjson", "dumps"):
             raise ValueError("json_style must be 'orjson' or 'dumps'")
         if chatflow_end_order not in ("workflow_first", "message_first"):
@@ -1248,6 +1510,17 @@ class FakeDify:
         self._uploads_waiting = 0
         self._rendezvous: asyncio.Event | None = None
         self.conversations: dict[str, tuple[str, str]] = {}
+        # conversation id -> its messages, oldest first (what GET /messages pages through)
+        self.messages: dict[str, list[dict]] = {}
+        # R2: seconds a worker run waits for a worker after the initial ping (no pings meanwhile); 1.13
+        # took 0.2-0.3 s when idle, 13 s with its slots busy. Kept short by default so tests stay quick.
+        self.queue_delay = 0.05 if self.profile.worker_runs else 0.0
+        # R1: how long a worker-side failure keeps the stream open and silent (Dify's own cut: 300 s).
+        self.worker_silence = 300.0
+        # R10: seconds a stream stays open after its terminal event.
+        self.end_linger = self.profile.end_linger
+        # R1: what each worker-side failure was (status, code, message), in order.
+        self.silent_failures: list[tuple[int, str, str]] = []
         self.connections_opened = 0
         self.active_streams = 0
 
@@ -1322,7 +1595,11 @@ class FakeDify:
 
     def delete_conversation(self, conversation_id: str) -> None:
         self.conversations.pop(conversation_id, None)
+        self.messages.pop(conversation_id, None)
         self._conversation_meta.pop(conversation_id, None)
+
+    def parameters_of(self, app: FakeApp) -> dict:
+        return app.effective_parameters(self.profile.parameters_style)
 
     # ---- internals (loop thread)
 
@@ -1352,6 +1629,16 @@ class FakeDify:
             else:
                 message = "Access token is invalid"
         raise _ApiError(401, "unauthorized", message, _UNAUTHORIZED_HEADERS)
+
+    def _add_message(self, execution: _Execution) -> None:
+        """Dify stores the message when the run starts; its answer is read live from the run."""
+        row = {"id": execution.message_id, "conversation_id": execution.conversation_id,
+               "parent_message_id": "00000000-0000-0000-0000-000000000000", "inputs": execution.inputs,
+               "query": execution.query, "answer": "", "message_files": [], "feedback": None,
+               "retriever_resources": [], "created_at": execution.created_at, "agent_thoughts": [],
+               "status": "normal", "error": None}
+        execution.message_row = row
+        self.messages.setdefault(execution.conversation_id, []).append(row)
 
     def _touch_conversation(self, app: FakeApp, user: str, conversation_id: str, query: str, inputs: dict) -> str:
         """Create a conversation for a blank id, or bump an existing one's updated_at."""

@@ -17,6 +17,7 @@ ALL_MODELS = ["Chat Bot", "Agent Bot", "Flow Bot"]
 
 # --- models and auth -----------------------------------------------------------------------
 
+@pytest.mark.real_difies
 def test_models_list_in_openai_shape(harness):
     status, headers, body = harness.raw("GET", "/v1/models")
     assert status == 200 and headers["content-type"].startswith("application/json")
@@ -114,6 +115,7 @@ def test_cors_allow_list(make_harness):
 # --- answers from every chat-family mode ---------------------------------------------------
 
 @pytest.mark.parametrize("model", ALL_MODELS)
+@pytest.mark.real_difies
 def test_non_streaming_answer_every_mode(harness, model):
     answer = harness.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "hello"}])
     assert answer.object == "chat.completion" and answer.id.startswith("chatcmpl-") and answer.model == model
@@ -127,6 +129,7 @@ def test_non_streaming_answer_every_mode(harness, model):
 
 
 @pytest.mark.parametrize("model", ALL_MODELS)
+@pytest.mark.real_difies
 def test_streaming_answer_every_mode(harness, model):
     stream = harness.client().chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}],
                                                       stream=True, stream_options={"include_usage": True})
@@ -216,6 +219,7 @@ def test_utf8_character_split_across_reads_is_intact(harness):
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "中文字 é"
 
 
+@pytest.mark.real_difies
 def test_error_event_mid_stream_ends_with_error_and_done(harness):
     harness.dify.script(harness.key_of(CHAT), Text("partial"),
                         ErrorEvent(code="completion_request_error", status=400, message="[models] Error: 401"))
@@ -231,6 +235,7 @@ def test_error_event_mid_stream_ends_with_error_and_done(harness):
                                                       stream=True))
 
 
+@pytest.mark.real_difies
 def test_error_event_before_any_text_is_a_real_http_error(harness):
     harness.dify.script(harness.key_of(CHAT), ErrorEvent(code="provider_quota_exceeded", message="quota gone"))
     with pytest.raises(openai.RateLimitError) as caught:
@@ -282,6 +287,7 @@ def test_pings_keep_a_slow_answer_alive(make_harness):
     (500, "internal_server_error", 502, openai.InternalServerError),
     (503, "overloaded", 503, openai.InternalServerError),
 ])
+@pytest.mark.real_difies
 def test_dify_errors_before_the_stream_are_http_errors(harness, stream, dify_status, code, expected, exception):
     harness.dify.script(harness.key_of(CHAT), HttpError(dify_status, code, "upstream says no"))
     with pytest.raises(exception) as caught:
@@ -308,6 +314,7 @@ def test_rejected_dify_key_names_the_model_never_the_key(harness, caplog):
     assert CLIENT_KEY not in everything
 
 
+@pytest.mark.real_difies
 def test_unreachable_dify_is_502(make_harness):
     harness = make_harness()
     with socket.socket() as probe:
@@ -319,6 +326,7 @@ def test_unreachable_dify_is_502(make_harness):
     assert caught.value.status_code == 502 and caught.value.code == "upstream_unreachable"
 
 
+@pytest.mark.real_difies
 def test_client_disconnect_stops_the_dify_task(harness):
     harness.dify.script(harness.key_of(CHAT), Text("first words"), Hang())
     with socket.create_connection(("127.0.0.1", harness.port)) as conn:

@@ -465,3 +465,218 @@ def test_thread_mode_keepalive_counts_connections():
         assert "".join(e["answer"] for e in events[:-1]) == "Echo: b"  # second run is the default run
         assert fake.connections_opened == 1
         assert [r.json["query"] for r in fake.requests_to("/chat-messages")] == ["a", "b"]
+
+
+# ----------------------------------------------------------------------------- real-Dify profiles
+# Each test names the fact of /work/shared/reference/dify-captures/README.md it reproduces.
+
+
+async def raw_exchange(fake, path, body, key=CHAT, method="POST", wait=5.0):
+    """One request over a raw socket: (head text, [(seconds since sent, network read)]) until the
+    chunked body ends, the server closes, or `wait` seconds pass."""
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_connection("127.0.0.1", fake.port)
+    data = json.dumps(body).encode() if body is not None else b""
+    writer.write((f"{method} /v1{path} HTTP/1.1\r\nHost: fake\r\nAuthorization: Bearer {key}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data)
+    sent = loop.time()
+    head = (await reader.readuntil(b"\r\n\r\n")).decode()
+    reads = []
+    while loop.time() - sent < wait:
+        try:
+            chunk = await asyncio.wait_for(reader.read(65536), wait - (loop.time() - sent))
+        except asyncio.TimeoutError:
+            break
+        if not chunk:
+            break
+        reads.append((loop.time() - sent, chunk))
+        if chunk == b"0\r\n\r\n" or chunk.endswith(b"\r\n0\r\n\r\n") or "Content-Length" in head:
+            break
+    writer.close()
+    return head, reads
+
+
+def dechunk(reads):
+    """The chunk payloads of a chunked body, each with the time its read arrived."""
+    out, buffer, arrived = [], b"", 0.0
+    for at, data in reads:
+        buffer += data
+        arrived = at
+        while b"\r\n" in buffer:
+            size_line, rest = buffer.split(b"\r\n", 1)
+            size = int(size_line, 16)
+            if len(rest) < size + 2:
+                break
+            out.append((arrived, rest[:size]))
+            buffer = rest[size + 2:]
+    return out
+
+
+def test_113_chatflow_stream_ping_first_compact_utf8_message_end_first_late_eof():
+    async def test(fake, c):
+        head, reads = await raw_exchange(fake, "/chat-messages", chat("hé 你好"), key=FLOW)
+        assert "X-Version: 1.13.2" in head and "Vary: Cookie" in head
+        # R3: the initial ping, alone, first (Tornado writes chunk sizes in lower-case hex, gunicorn upper)
+        assert reads[0][1] == b"d\r\nevent: ping\n\n\r\n"
+        chunks = dechunk(reads)
+        events = [json.loads(payload[6:]) for _, payload in chunks if payload.startswith(b"data: ")]
+        assert [e["event"] for e in events] == ["workflow_started", "node_started", "node_finished"] + [
+            "message"] * 3 + ["message_end", "workflow_finished"]  # R4
+        body = b"".join(payload for _, payload in chunks)
+        assert "hé 你好".encode() in body and b'{"event":"message","conversation_id":' in body  # R11
+        usage = events[-2]["metadata"]["usage"]
+        assert usage["total_tokens"] == 0 and usage["total_price"] == "0.0"  # R12: no LLM in the flow
+        finished_at = next(at for at, payload in chunks if b"workflow_finished" in payload)
+        assert reads[-1][1].endswith(b"0\r\n\r\n") and reads[-1][0] - finished_at >= 0.9  # R10
+
+    run(test, profile="1.13")
+
+
+def test_011_chat_stream_dumps_style_empty_last_text_and_free_model_prices():
+    async def test(fake, c):
+        head, reads = await raw_exchange(fake, "/chat-messages", chat("hé"))
+        assert "X-Version: 0.11.1" in head
+        chunks = dechunk(reads)
+        assert not any(b"ping" in payload for _, payload in chunks)  # R3: no initial ping
+        body = b"".join(payload for _, payload in chunks)
+        assert b'{"event": "message", "conversation_id": ' in body and b"\\u00e9" in body  # R11
+        events = events_of(body)
+        assert [e["event"] for e in events] == ["message"] * 4 + ["message_end"]
+        assert events[-2]["answer"] == ""  # R22
+        assert list(events[-1]["metadata"]) == ["usage"] and events[-1]["files"] is None
+        assert events[-1]["metadata"]["usage"]["total_price"] == "0E-7"  # R12
+        assert reads[-1][0] - next(at for at, p in chunks if b"message_end" in p) < 0.5  # R10: ends at once
+
+    run(test, profile="0.11")
+
+
+def test_011_chatflow_terminal_order_and_agent_empty_messages():
+    async def test(fake, c):
+        flow = events_of((await c.call("POST", "/chat-messages", key=FLOW, body=chat())).body)
+        assert [e["event"] for e in flow][-3:] == ["message", "workflow_finished", "message_end"]  # R4
+        assert flow[-3]["answer"] == ""
+        fake.script(AGENT, Start(), Event({"event": "agent_thought", "position": 1, "tool": "clock"}),
+                    Text("Echo"), End())
+        agent = events_of((await c.call("POST", "/chat-messages", key=AGENT, body=chat())).body)
+        assert [e["event"] for e in agent] == ["agent_thought", "agent_message", "agent_thought", "agent_message",
+                                              "agent_message", "message_end"]
+        assert agent[1]["answer"] == "" and agent[-2]["answer"] == ""  # R22
+        assert agent[0]["id"] == agent[2]["id"]  # R22: one id per round, reused by its updates
+
+    run(test, profile="0.11")
+
+
+@pytest.mark.parametrize("case", ["unknown conversation", "missing input", "unknown upload"])
+def test_113_worker_side_errors_are_a_ping_then_silence(case):
+    required = {"user_input_form": [{"text-input": {"label": "L", "variable": "lang", "required": True}}],
+                "file_upload": {"enabled": True, "allowed_file_types": ["image"], "number_limits": 3,
+                                "allowed_file_upload_methods": ["local_file"]}}
+    apps = [FakeApp(FLOW, "Flow", mode="advanced-chat", parameters=required), FakeApp(CHAT, "Chat")]
+    good = {"lang": "fr"}
+    bodies = {
+        "unknown conversation": chat(inputs=good, conversation_id=str(uuid.uuid4())),
+        "missing input": chat(),
+        "unknown upload": chat(inputs=good, files=[{"type": "image", "transfer_method": "local_file",
+                                                     "upload_file_id": str(uuid.uuid4())}]),
+    }
+
+    async def test(fake, c):
+        fake.worker_silence = 0.6
+        head, reads = await raw_exchange(fake, "/chat-messages", bodies[case], key=FLOW)
+        assert head.startswith("HTTP/1.1 200") and reads[0][1] == b"d\r\nevent: ping\n\n\r\n"  # R1
+        assert b"".join(data for _, data in reads[1:]) == b"0\r\n\r\n" and reads[-1][0] >= 0.55
+        assert len(fake.silent_failures) == 1 and fake.silent_failures[0][0] in (400, 404)
+        blocking = await c.call("POST", "/chat-messages", key=FLOW, body={**bodies[case], "response_mode": "blocking"})
+        assert blocking.code in (400, 404)  # R1: blocking still answers at once
+        if case == "unknown conversation":  # a chat app's conversation is checked by the API process
+            assert (await c.call("POST", "/chat-messages", body=bodies[case])).code == 404
+
+    run(test, apps=apps, profile="1.13")
+
+
+def test_011_errors_come_before_any_byte_and_have_params_without_status():
+    async def test(fake, c):
+        gone = await c.call("POST", "/chat-messages", key=FLOW, body=chat(conversation_id=str(uuid.uuid4())))
+        assert gone.code == 404 and json.loads(gone.body)["message"] == "Conversation Not Exists."  # R1
+        bad = await c.call("POST", "/chat-messages", body=chat(conversation_id="nope"))
+        assert json.loads(bad.body) == {"code": "invalid_param", "message": "nope is not a valid uuid.",
+                                        "params": "conversation_id"}  # R15
+        assert fake.silent_failures == []
+
+    run(test, profile="0.11")
+
+
+def test_113_queue_wait_after_the_initial_ping_has_no_pings():
+    async def test(fake, c):
+        fake.queue_delay = 0.5
+        _, reads = await raw_exchange(fake, "/workflows/run", {"inputs": {"query": "q"}, "user": "u1",
+                                                               "response_mode": "streaming"}, key=WF)
+        chunks = dechunk(reads)
+        assert chunks[0][1] == b"event: ping\n\n" and chunks[0][0] < 0.3  # R2/R3
+        assert chunks[1][1].startswith(b'data: {"event":"workflow_started"') and chunks[1][0] >= 0.5
+
+    run(test, profile="1.13", ping_interval=0.1)
+
+
+@pytest.mark.parametrize("key, path", [(FLOW, "/chat-messages/{}/stop"), (WF, "/workflows/tasks/{}/stop")])
+def test_113_stopped_flow_ends_as_an_aborted_failed_run(key, path):
+    async def test(fake, c):
+        fake.script(key, Start(), Text("part"), Hang())
+        chunks: list[bytes] = []
+        body = chat() if key == FLOW else {"inputs": {}, "user": "u1", "response_mode": "streaming"}
+        route = "/chat-messages" if key == FLOW else "/workflows/run"
+        pending = asyncio.ensure_future(c.call("POST", route, key=key, body=body, chunks=chunks))
+        await wait_for(lambda: events_of(b"".join(chunks)))
+        task_id = events_of(b"".join(chunks))[0]["task_id"]
+        await c.call("POST", path.format(task_id), key=key, body={"user": "u1"})
+        await pending
+        events = events_of(b"".join(chunks))
+        assert events[-1]["event"] == "workflow_finished" and "message_end" not in [e["event"] for e in events]  # R5
+        assert events[-1]["data"]["status"] == "failed" and events[-1]["data"]["error"] == "Aborted: User requested stop"
+
+    run(test, profile="1.13")
+
+
+def test_info_parameters_and_mode_probes_per_version():
+    async def test_113(fake, c):
+        info = json.loads((await c.call("GET", "/info", key=FLOW)).body)
+        assert list(info) == ["name", "description", "tags", "mode", "author_name"]  # R13
+        upload = json.loads((await c.call("GET", "/parameters", key=FLOW)).body)["file_upload"]
+        assert sorted(upload) == ["allowed_file_extensions", "allowed_file_types", "allowed_file_upload_methods",
+                                  "enabled", "number_limits"]  # R17
+
+    async def test_011(fake, c):
+        assert list(json.loads((await c.call("GET", "/info", key=AGENT)).body)) == ["name", "description"]  # R13
+        probe = chat(query="", user="opendify-mode-probe", mode="blocking")
+        answers = {key: json.loads((await c.call("POST", "/chat-messages", key=key, body=probe)).body)["message"]
+                   for key in (CHAT, AGENT, FLOW)}
+        assert answers == {CHAT: "query is required", AGENT: "Agent Chat App does not support blocking mode",
+                           FLOW: "query is required"}  # R14
+        assert json.loads((await c.call("POST", "/chat-messages", key=WF, body=probe)).body)["code"] == "not_chat_app"
+        chat_parameters = json.loads((await c.call("GET", "/parameters", key=CHAT)).body)
+        flow_parameters = json.loads((await c.call("GET", "/parameters", key=FLOW)).body)
+        assert list(chat_parameters["file_upload"]) == ["image"]  # R17: the legacy setting only
+        assert flow_parameters["file_upload"]["enabled"] is True and "image" not in flow_parameters["file_upload"]
+        assert flow_parameters["sensitive_word_avoidance"] == {"enabled": False}
+        assert all("type" in next(iter(item.values())) for item in flow_parameters["user_input_form"])
+
+    run(test_113, profile="1.13")
+    run(test_011, profile="0.11")
+
+
+def test_messages_lists_the_newest_last_and_404s_a_gone_conversation():
+    async def test(fake, c):
+        first = json.loads((await c.call("POST", "/chat-messages", body=chat("one", mode="blocking"))).body)
+        conversation = first["conversation_id"]
+        second = json.loads((await c.call("POST", "/chat-messages", body=chat(
+            "two", mode="blocking", conversation_id=conversation))).body)
+        page = json.loads((await c.call("GET", f"/messages?conversation_id={conversation}&user=u1&limit=1")).body)
+        assert [m["id"] for m in page["data"]] == [second["message_id"]] and page["has_more"] is True
+        assert page["data"][0]["answer"] == "Echo: two"
+        other = await c.call("GET", f"/messages?conversation_id={conversation}&user=u2&limit=1")
+        assert other.code == 404
+        fake.delete_conversation(conversation)
+        gone = await c.call("GET", f"/messages?conversation_id={conversation}&user=u1&limit=1")
+        assert gone.code == 404 and b'"Conversation Not Exists."' in gone.body
+
+    run(test, profile="1.13")

@@ -25,6 +25,7 @@ from support import OTHER_CLIENT_KEY
 
 CHAT = "Chat Bot"
 AGENT = "Agent Bot"
+FLOW = "Flow Bot"
 MB = 1024 * 1024
 
 
@@ -126,6 +127,7 @@ def test_a_data_url_name_becomes_the_filename_with_the_real_extension(harness):
     assert upload.filename == "holiday photo.jpg" and upload.mime == "image/jpeg"
 
 
+@pytest.mark.real_difies
 def test_several_images_upload_concurrently_and_keep_their_order(harness):
     harness.dify.upload_rendezvous = 3
     images = [png(), JPEG, GIF]
@@ -142,6 +144,7 @@ def test_image_only_message_still_asks_something(harness):
     assert sent["query"].strip() and "base64" not in sent["query"] and len(sent["files"]) == 1
 
 
+@pytest.mark.real_difies
 def test_agent_apps_get_the_attachments_too(harness):
     answer = chat(harness, user(image(data_url(png())), image("https://example.com/cat.png")), model=AGENT,
                   stream=True)
@@ -164,6 +167,7 @@ def test_only_the_new_turn_is_attached_and_history_holds_placeholders(harness):
     assert base64.b64encode(old).decode()[:12] not in sent["query"]
 
 
+@pytest.mark.real_difies
 def test_attachments_in_memory_mode_2(make_harness):
     harness = make_harness(env={"CONVERSATION_MEMORY_MODE": "2"})
     first = chat(harness, user(text="Hello"))
@@ -453,6 +457,7 @@ def test_input_audio_in_the_wrong_format_is_400(make_harness):
 
 # --- the upload cache -------------------------------------------------------------------------
 
+@pytest.mark.real_difies
 def test_a_resent_image_is_not_uploaded_again_but_another_client_gets_its_own(harness):
     conversation = [user(image(data_url(png())))]
     chat(harness, *conversation)
@@ -639,6 +644,7 @@ def test_attachment_settings():
             settings_from({**base, name: bad})
 
 
+@pytest.mark.real_difies
 def test_an_upload_dify_lost_is_sent_again_once(harness):
     message = user(image(data_url(png())))
     chat(harness, message)
@@ -650,3 +656,17 @@ def test_an_upload_dify_lost_is_sent_again_once(harness):
     bodies = harness.chat_bodies()
     assert bodies[-1]["files"][0]["upload_file_id"] in harness.dify.uploads
     assert bodies[-2]["files"][0]["upload_file_id"] not in harness.dify.uploads
+
+
+@pytest.mark.real_difies
+def test_a_chatflow_whose_upload_dify_lost_gets_the_file_again_at_once(harness):
+    # Dify 1.13 meets an unknown upload id in a streaming chatflow with a ping, then silence (R1/R19).
+    message = user(image(data_url(png())))
+    client = harness.client(timeout=10)
+    client.chat.completions.create(model=FLOW, messages=[message])
+    harness.dify.uploads.clear()
+    started = time.monotonic()
+    answer = client.chat.completions.create(model=FLOW, messages=[message]).choices[0].message.content
+    assert answer.startswith("Echo: ") and time.monotonic() - started < 2
+    assert harness.chat_bodies()[-1]["files"][0]["upload_file_id"] in harness.dify.uploads
+    assert harness.dify.silent_failures == []

@@ -13,13 +13,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import marks  # noqa: E402
 from marks import (  # noqa: E402
     MARK_LENGTH,
+    MARK_V1_LENGTH,
     derive_secret,
-    find_conversation,
+    find_mark,
+    fingerprint,
     has_mark_characters,
     make_mark,
-    mark_suffix,
+    mark_placement,
     strip_marks,
 )
+
+
+def find_conversation(content, **kw):
+    found = find_mark(content, **kw)
+    return found.conversation_id if found else None
 
 SECRET = derive_secret(None, ["app-key-1", "app-key-2", "client-key-1"])
 CID = "3f2b8c1e-9d4a-4b6f-8e2a-1c5d7f9a0b3e"
@@ -77,12 +84,47 @@ def test_alphabet_properties():
 
 def test_length_measured():
     m = mark()
-    assert MARK_LENGTH == 68
-    assert len(m) == MARK_LENGTH
+    assert MARK_V1_LENGTH == 68
+    assert len(m) == MARK_V1_LENGTH
     assert len(m.encode("utf-16-le")) // 2 == 68
     assert len(m.encode("utf-8")) == 204
     assert set(m) <= set(marks.ALPHABET)
     assert m.startswith(marks.START) and m.endswith(marks.END)
+    v2 = mark(message_id="msg-1")
+    assert MARK_LENGTH == 90 and len(v2) == 90 and len(v2.encode("utf-16-le")) // 2 == 90
+    assert len(v2.encode("utf-8")) == 270
+    assert set(v2) <= set(marks.ALPHABET) and v2.startswith(marks.START2) and v2.endswith(marks.END2)
+
+
+@settings(max_examples=100, deadline=None)
+@given(cid=uuids, message=st.text(max_size=40), tools=st.text(max_size=40), client=ids)
+def test_version_two_round_trip(cid, message, tools, client):
+    tools_seen = fingerprint(SECRET, "tools", tools)
+    m = make_mark(cid, secret=SECRET, app_id=APP, client_id=client, message_id=message, tools=tools_seen)
+    found = find_mark("Hi." + m + "\n", secret=SECRET, app_id=APP, client_id=client)
+    assert found.conversation_id == cid
+    assert found.message == fingerprint(SECRET, "message", message) and found.tools == tools_seen
+    assert find_mark(m, secret=SECRET, app_id=APP, client_id=client + "x") is None
+    assert strip_marks("a" + m + "b") == "ab"
+
+
+def test_version_two_fields_are_authenticated():
+    m = mark(message_id="msg-1")
+    assert find_mark(m, **KW).message == fingerprint(SECRET, "message", "msg-1")
+    assert find_mark(m, **KW).tools == fingerprint(SECRET, "tools", "")
+    for position in (2, 30, 50, 70, 87):  # ct, message, tools and tag digits
+        digit = marks.ALPHABET[(marks.ALPHABET.index(m[position]) + 1) % 8]
+        assert find_mark(m[:position] + digit + m[position + 1:], **KW) is None
+    # the two padding bits of the first digit must be zero
+    assert m[2] in marks.ALPHABET[:2]
+    assert find_mark(m[:2] + marks.ALPHABET[marks.ALPHABET.index(m[2]) + 4] + m[3:], **KW) is None
+
+
+def test_version_one_marks_from_before_still_read():
+    old = mark()  # written without a message id: the version-1 format of earlier releases
+    found = find_mark("Reply." + old, **KW)
+    assert found == marks.Mark(CID) and found.message is None and found.tools is None
+    assert find_mark(old + mark(str(uuid.UUID(int=7)), message_id="m"), **KW).conversation_id == str(uuid.UUID(int=7))
 
 
 def test_mark_is_deterministic_and_hides_id():
@@ -102,7 +144,7 @@ def test_mark_is_deterministic_and_hides_id():
 @given(cid=uuids, app=ids, client=ids)
 def test_round_trip(cid, app, client):
     m = make_mark(cid, secret=SECRET, app_id=app, client_id=client)
-    assert len(m) == MARK_LENGTH
+    assert len(m) == MARK_V1_LENGTH
     assert find_conversation(m, secret=SECRET, app_id=app, client_id=client) == cid
     assert find_conversation("Hi.\n" + m, secret=SECRET, app_id=app, client_id=client) == cid
 
@@ -356,20 +398,24 @@ def test_derive_secret():
 
 
 @pytest.mark.parametrize(
-    "answer,sep",
+    "answer,placement",
     [
-        ("", ""),
-        ("   ", ""),
-        ("Hello.", "\n"),
-        ("See https://example.com", "\n"),
-        ("```py\nx = 1\n```", "\n"),
-        ("text\n", ""),
-        ("| a | b |\n|---|---|\n| 1 | 2 |", "\n\n"),
-        ("| a | b |\n|---|---|\n| 1 | 2 |\n", "\n"),
-        ("| a |\n\n", ""),
+        ("", "inline"),
+        ("Hello.", "inline"),
+        ("Hello.\n\n", "inline"),
+        ("| a | b |\n|---|---|\n| 1 | 2 |", "inline"),
+        ("See [the docs](https://example.com)", "inline"),
+        ("![chart](/files/chart.png)", "inline"),
+        ("Link: <https://example.com>", "inline"),
+        ("See https://example.com", "own-line"),
+        ("(see https://example.com).", "own-line"),
+        ("Write to ann@example.com", "own-line"),
+        ("```py\nx = 1\n```", "own-line"),
+        ("~~~\ncode\n~~~\n", "own-line"),
+        ("Text\n\n---", "own-line"),
+        ("Title\n=====", "own-line"),
+        ("[ref]: /docs", "own-line"),
     ],
 )
-def test_mark_suffix(answer, sep):
-    m = mark()
-    assert mark_suffix(answer, m) == sep + m
-    assert find_conversation(answer + mark_suffix(answer, m), **KW) == CID
+def test_mark_placement(answer, placement):
+    assert mark_placement(answer) == placement

@@ -63,12 +63,14 @@ def wait_for(condition, timeout=3.0):
 
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("model", [CHAT, AGENT, FLOW, WRITER, PIPELINE])
+@pytest.mark.real_difies
 def test_every_mode_answers_through_the_openai_client(modes, model, stream):
     content, reasoning, usage, finish = ask(modes, model, stream, text="Bonjour")
     assert content == "Echo: Bonjour" and reasoning == "" and finish == "stop"
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens > 0
 
 
+@pytest.mark.real_difies
 def test_models_list_every_mode(modes):
     assert [m.id for m in modes.client().models.list()] == [CHAT, AGENT, FLOW, WRITER, PIPELINE]
 
@@ -102,6 +104,7 @@ def agent_run():
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.real_difies
 def test_agent_tool_use_is_thinking_and_the_image_is_in_the_answer(modes, stream):
     modes.dify.script(modes.key_of(AGENT), *agent_run())
     content, reasoning, usage, finish = ask(modes, AGENT, stream, text="Draw a cat")
@@ -205,6 +208,7 @@ def test_chatflow_progress_is_off_by_default(modes):
     assert ask(modes, FLOW, True)[:2] == ("Hi", "")
 
 
+@pytest.mark.real_difies
 def test_failed_chatflow_is_an_openai_error(modes):
     modes.dify.script(modes.key_of(FLOW), Start(), End(status="failed", error="LLM node timed out"))
     with pytest.raises(openai.APIStatusError) as caught:
@@ -256,6 +260,7 @@ def test_input_variable_setting_chooses_the_text_variable(make_harness):
     assert sent_to(harness, "/workflows/run")[-1]["inputs"] == {"notes": "Into notes too"}
 
 
+@pytest.mark.real_difies
 def test_completion_stream_is_stopped_as_a_completion_when_the_client_leaves(modes):
     leave_mid_stream(modes, WRITER, "/completion-messages")
     assert modes.dify.stops[0][0] == "completion"
@@ -285,6 +290,7 @@ def test_workflow_outputs_become_the_answer_when_nothing_streamed(modes, stream,
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.real_difies
 def test_failed_workflow_is_an_openai_error_with_difys_message(modes, stream):
     modes.dify.script(modes.key_of(PIPELINE), Start(), End(status="failed", error="Division by zero in Code node"))
     with pytest.raises(openai.APIError) as caught:
@@ -311,6 +317,7 @@ def test_workflow_progress(make_harness):
     assert ask(harness, PIPELINE, True)[:2] == ("42", "running: Code ▸ Template")
 
 
+@pytest.mark.real_difies
 def test_workflow_stream_is_stopped_as_a_workflow_when_the_client_leaves(modes):
     leave_mid_stream(modes, PIPELINE, "/workflows/run")
     assert modes.dify.stops[0][0] == "workflow"

@@ -37,8 +37,9 @@ def test_non_streaming_tool_call(harness):
     assert call.type == "function" and call.id.startswith("call_") and call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris", "days": 2}, "\"2\" coerced to the schema's integer"
     query = harness.chat_bodies()[-1]["query"]
-    assert query.startswith("Weather in Paris?\n\n# Tools") and "## get_weather" in query and "## get_time" in query
-    assert "city (string, required)" in query and "<tool_call>" in query
+    assert query.startswith("Weather in Paris?\n\n# Tools")
+    assert "\n- get_weather(city: string, days?: integer) — Current weather for a city.\n" in query
+    assert "\n- get_time(zone?: string)\n" in query and "<tool_call>" in query
 
 
 def test_streaming_tool_call_deltas_on_the_wire(harness):

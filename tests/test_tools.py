@@ -176,31 +176,54 @@ def test_tool_request_errors(data, param):
 
 def test_instructions_auto():
     text = tool_instructions(REQ)
-    assert "## get_weather\nGet the weather for a city." in text
-    assert "- city (string, required): City name, e.g. Paris" in text
-    assert "- days (integer, 1..14): Forecast days" in text
-    assert '- unit (string, one of: "celsius", "fahrenheit", default "celsius")' in text
-    assert "- tags (array of string)" in text
-    assert "- filters (object)\n  - kind (string, required)\n  - max (integer)" in text
-    assert "- points (array of object)\n  - x (number, required)" in text
-    assert "## now\nParameters: none" in text
-    assert '<tool_call>\n{"name": "TOOL_NAME", "arguments": {"PARAMETER_NAME": "value"}}\n</tool_call>' in text
-    assert "Call a tool only when it is needed to answer" in text
-    assert "one <tool_call> block per call" in text
-    assert "never write <tool_result> yourself" in text
+    assert ("- get_weather(city: string, days?: integer (1..14), unit?: \"celsius\"|\"fahrenheit\" = \"celsius\", "
+            "detailed?: boolean, tags?: string[], ratio?: number, filters?: {kind: string, max?: integer}, "
+            "points?: {x: number}[]) — Get the weather for a city.\n  city: City name, e.g. Paris") in text
+    assert "- search(query: string) — Search the web." in text and "\n- now()\n" in text
+    assert '<tool_call>\n{"name": "TOOL_NAME", "arguments": {"PARAMETER": "value"}}\n</tool_call>' in text
+    assert "Call a tool only when it helps" in text
+    assert "one block per call" in text
+    assert "never write those yourself" in text
     assert "must call" not in text
 
 
 def test_instructions_required_named_serial():
     required = tool_instructions(tool_request(body(tool_choice="required")))
-    assert "You must call at least one tool in this reply" in required
-    assert "Call a tool only when it is needed" not in required
-    named = tool_instructions(tool_request(body(tool_choice={"type": "function", "function": {"name": "search"}})))
-    assert 'You must call the tool "search" in this reply' in named
+    assert required.endswith("You must call at least one tool in this reply; do not answer with text only.")
+    named = tool_instructions(tools.for_policy(
+        tool_request(body(tool_choice={"type": "function", "function": {"name": "search"}})), "all"))
+    assert named.endswith('You must call the tool "search" in this reply; do not answer with text only.')
     assert '{"name": "search", "arguments"' in named
-    assert "## search" in named and "## get_weather" not in named
+    assert "- search(query: string)" in named and "get_weather" not in named
     serial = tool_instructions(SERIAL)
-    assert "Call at most one tool per reply" in serial and "one <tool_call> block per call" not in serial
+    assert "Call at most one tool per reply" in serial and "one block per call" not in serial
+    assert tool_instructions(REQ, with_catalogue=False) == ""
+    assert tool_instructions(tool_request(body(tool_choice="required")), with_catalogue=False) == (
+        "You must call at least one tool in this reply; do not answer with text only.")
+
+
+def test_policy_keeps_tools_or_forced_ones_or_none():
+    forced = tool_request(body(tool_choice={"type": "function", "function": {"name": "search"}}))
+    required = tool_request(body(tool_choice="required"))
+    assert tools.for_policy(REQ, "all") is REQ and tools.for_policy(REQ, "forced") is None
+    assert tools.for_policy(REQ, "off") is None and tools.for_policy(None, "all") is None
+    assert tools.for_policy(required, "forced") is required
+    assert [spec.name for spec in tools.for_policy(forced, "forced").tools] == ["search"]
+    assert tools.for_policy(forced, "off") is None
+
+
+def test_open_webui_catalogue_is_compact():
+    """Open WebUI's 36 built-in tools: 26 KB of schema, 19,027 characters in the old rendering."""
+    captured = json.loads(open(Path(__file__).with_name("data") / "open-webui-0.12.4.jsonl").readlines()[1])
+    text = tool_instructions(tool_request(captured["request"]))
+    assert len(text) < 7600
+    assert text.count("\n- ") == 36
+    assert ('- create_calendar_event(title: string, start: string, end?: string, description?: string, '
+            'calendar_id?: string, all_day?: boolean = false, location?: string, reminder_minutes?: integer) — '
+            'Create a calendar event, reminder, or alarm.') in text
+    assert 'start: Start datetime in the user\'s local time (e.g. "2026-04-20 09:00")' in text
+    assert ('create_tasks(tasks: ({id?: string, content: string, status?: "pending"|"in_progress"|"completed"|'
+            '"cancelled" = "pending"})[])') in text
 
 
 def test_instructions_deterministic_and_schema_features():
@@ -214,14 +237,15 @@ def test_instructions_deterministic_and_schema_features():
             "note": {"anyOf": [{"type": "string"}, {"type": "null"}], "description": "Optional\n  note"},
             "mode": {"const": "fast"},
             "when": {"type": "string", "format": "date-time"},
+            "deep": {"type": "object", "properties": {"a": {"type": "object", "properties": {
+                "b": {"type": "object", "properties": {"c": {"type": "integer"}}}}}}},
         },
     }
     req = ToolRequest((ToolSpec("save", "Save.", schema),), "auto")
     text = tool_instructions(req)
-    assert "- address (object)\n  - street (string, required)" in text
-    assert "- note (string or null): Optional note" in text
-    assert '- mode (any, always "fast")' in text
-    assert "- when (string, format date-time)" in text
+    assert ('- save(address?: {street: string}, note?: string|null, mode?: "fast", when?: string (date-time), '
+            'deep?: {a?: {b?: object}}) — Save.') in text
+    assert '\n  deep.a.b is: {"type":"object","properties":{"c":{"type":"integer"}}}\n' in text
     assert tool_instructions(ToolRequest((ToolSpec("a", "", {}),), "none")) == ""
 
 
@@ -425,7 +449,7 @@ def test_self_referencing_and_deep_inputs_do_not_break():
         "type": "object", "properties": {"root": {"$ref": "#/$defs/Node"}}}
     req = ToolRequest((ToolSpec("draw", "", tree),), "auto")
     text = tool_instructions(req)
-    assert "- root (object)\n  - label (string)\n  - children (array of object)" in text
+    assert "- draw(root?: {label?: string, children?: object[], alt?: object|null})" in text
     _, calls = parse('<tool_call>{"name": "draw", "arguments": {"root": {"label": 1, "children": '
                      '[{"label": 2, "children": "x"}]}}}</tool_call>', req)
     assert call_args(calls) == [("draw", {"root": {"label": "1", "children": [{"label": "2", "children": ["x"]}]}})]
