@@ -33,7 +33,8 @@ class ResponsesHandler(ChatCompletionsHandler):
 
     response_id = None
 
-    async def post(self):
+    async def answer(self):
+        """The chat handler's `post` runs this and owns the run's lifetime (departures, the final close)."""
         request = parse_responses_request(parse_body(self.request.body))
         self.model = request.model
         self.created_at = int(time.time())
@@ -49,6 +50,8 @@ class ResponsesHandler(ChatCompletionsHandler):
         self.completion = Completion(self.proxy.dify, self.app, chat, dify_user(self.client, chat.user),
                                      self.proxy.settings, binding, self.proxy.uploads, marks=False,
                                      conversations=self.proxy.conversations)
+        if self.departed:
+            self.completion.cancel()
         try:
             await self.completion.start()
             if request.stream:
