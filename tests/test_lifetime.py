@@ -20,6 +20,7 @@ from apps import App
 from completions import Completion
 from events import AnswerTranslator
 from fake_dify import Drop, End, ErrorEvent, Event, Hang, Ping, Raw, Sleep, Start, Text
+import tools
 from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
 from test_files import png
@@ -325,3 +326,24 @@ def test_a_50000_event_burst_is_translated_a_slice_at_a_time_so_the_loop_stays_f
     answer, longest = asyncio.run(run())
     assert answer.message()["content"] == "tok " * 50_000
     assert longest < 0.1, f"the loop was held for {longest:.3f} s"
+
+
+def parse_answer(pieces):
+    request = tools.tool_request({"tools": [{"type": "function", "function": {
+        "name": "write", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]})
+    parser = tools.ToolCallParser(request)
+    started = time.process_time()
+    out = []
+    for piece in pieces:
+        out += parser.feed(piece)
+    out += parser.finish()
+    return time.process_time() - started, out
+
+
+def test_an_800_kb_tool_call_costs_what_800_kb_of_text_costs():
+    body = ["abcdefghij0123456789"] * 40_000
+    text_time, _ = parse_answer(body)
+    call_time, out = parse_answer(['<tool_call>{"name": "write", "arguments": {"text": "', *body, '"}}</tool_call>'])
+    assert [kind for kind, _ in out] == ["tool_call"]
+    assert json.loads(out[0][1]["arguments"])["text"] == "".join(body)
+    assert call_time < 5 * text_time + 0.1, (call_time, text_time)
