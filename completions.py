@@ -13,15 +13,16 @@ from tornado.ioloop import IOLoop
 
 import marks
 import memory
+import tasks
 import tools
 from apps import CHAT_FAMILY
 from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
-from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
-from output_format import format_instructions
+from output_format import format_instructions, json_reply, wants_json
 
 log = logging.getLogger("opendify.completions")
 
@@ -85,8 +86,9 @@ class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
     def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
-                 conversations=None):
+                 conversations=None, task=None):
         self.dify = dify
+        self.task = task
         self.app = app
         self.request = request
         self.user = user
@@ -97,8 +99,12 @@ class Completion:
         self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
-        self.marks_replies = (marks and self.conversational and binding is not None and settings is not None
-                              and settings.conversation_memory_mode == 2)
+        self.reads_marks = (marks and task is None and self.conversational and binding is not None
+                            and settings is not None and settings.conversation_memory_mode == 2)
+        # A reply that must parse as JSON carries no mark: its conversation id is in X-Dify-Conversation-Id.
+        self.structured = wants_json(request.body.get("response_format"))
+        self.marks_replies = self.reads_marks and not self.structured
+        self._json_text = []
         self.plan = None
         try:
             self.tool_request = self._kept_tools(tools.tool_request(request.body))
@@ -126,6 +132,8 @@ class Completion:
     def _kept_tools(self, requested):
         """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
         for completion and workflow apps (not chat agents) only a call the request forces."""
+        if self.task is not None:
+            return None  # a background task is answered in text, whatever tools came with it
         policy = self.settings.client_tools_for(self.request.model) if self.settings is not None else "all"
         kept = tools.for_policy(requested, policy)
         if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
@@ -137,8 +145,8 @@ class Completion:
         explicit conversation id) only the turns Dify's conversation has not seen; plus, when the
         client offers tools, how to call them."""
         messages = self.request.messages
-        explicit = self.request.conversation_id if self.conversational else ""
-        if self.marks_replies or explicit:
+        explicit = self.request.conversation_id if self.conversational and self.task is None else ""
+        if self.reads_marks or explicit:
             self.plan = memory.plan_conversation(messages, self.binding, explicit)
             if self.plan.sits_on is not None:
                 await self._check_newest()
@@ -356,6 +364,8 @@ class Completion:
                 break
         if self.tool_parser is not None:
             pieces = self._parse_tools(pieces)
+        if self.structured:
+            pieces = self._hold_json(pieces)
         if self.marks_replies:
             self._remember(pieces)
             pieces = self._hold_trailing_space(pieces)
@@ -401,11 +411,29 @@ class Completion:
             if self.tool_request.legacy:
                 closing = self._legacy(closing)
             self.called_tools = self.tool_parser.called
+        if self.structured:
+            closing = self._hold_json(closing)
+            text = "".join(self._json_text)
+            if text:
+                closing.append((CONTENT, json_reply(text)))
         if self.marks_replies:
             self._remember(closing)
             closing = self._hold_trailing_space(closing)
             closing.append(self._mark_piece())
         return closing
+
+    def _hold_json(self, pieces):
+        """A reply asked for as JSON is held whole and sent once complete, repaired to parse
+        (output_format.json_reply); reasoning and tool calls pass as they come."""
+        out = []
+        for kind, value in pieces:
+            if kind is CONTENT:
+                self._json_text.append(value)
+            elif kind is REPLACE:
+                self._json_text = [value]
+            else:
+                out.append((kind, value))
+        return out
 
     def _hold_trailing_space(self, pieces):
         """Mode 2: whitespace at the end of the text so far waits, so the mark can be attached to the
@@ -451,7 +479,8 @@ class Completion:
 
     @property
     def conversation_id(self):
-        return self.translator.conversation_id if self.conversational else None
+        """The Dify conversation the client may continue; none for a background task (its own is deleted)."""
+        return self.translator.conversation_id if self.conversational and self.task is None else None
 
     async def collect(self):
         """The whole answer, for a non-streaming client."""
@@ -495,6 +524,8 @@ class Completion:
         if self._closed:
             return
         self._closed = True
+        if self.task is not None and self.conversational and self.translator.conversation_id:
+            IOLoop.current().spawn_callback(self._discard, self.translator.conversation_id)
         stream = self._stream
         if stream is None or self.translator.done and not self._cancelled:
             return  # a finished answer's response ends by itself, and its connection is reused
@@ -502,6 +533,15 @@ class Completion:
         task_id = stream.task_id
         if task_id and not self.translator.done:
             IOLoop.current().spawn_callback(self._stop, task_id)
+
+    async def _discard(self, conversation_id):
+        """A background task's one-shot Dify conversation is deleted once answered: it must not litter the
+        user's conversation list in Dify."""
+        try:
+            await self.dify.delete_conversation(self.app.key, conversation_id, self.user)
+        except (DifyError, StreamFailure) as error:
+            log.warning("model %r: deleting a background task's Dify conversation failed (%s)", self.request.model,
+                        getattr(error, "status", None) or getattr(error, "kind", ""))
 
     async def _stop(self, task_id):
         reason = "client left" if self._cancelled else "answer ended early"
@@ -523,6 +563,23 @@ class Completion:
             return upstream_unreachable(model, failure.detail)
         if failure.kind == "timeout":
             return upstream_timeout(model, self.dify.idle_timeout)
+        if failure.kind == "busy":
+            return dify_busy(self.dify.max_connections, failure.detail)
         if failure.kind == "malformed":
             return upstream_broken(model, failure.detail)
         return upstream_broken(model, "closed the connection before the answer was complete")
+
+
+class LocalAnswer(Completion):
+    """A background task answered by the proxy itself (TASK_MODEL=local): no Dify run, no cost."""
+
+    async def start(self):
+        self._local = tasks.local_answer(self.task, self.request.messages) or ""
+        self.query_length = sum(len(tasks.message_text(m.get("content"))) for m in self.request.messages)
+
+    async def next_pieces(self):
+        if self._local is None or self._cancelled:
+            return None
+        text, self._local = self._local, None
+        self.answer_length = len(text)
+        return [(CONTENT, text)]

@@ -17,7 +17,7 @@ from tornado.ioloop import IOLoop
 from tornado.web import RequestHandler, stream_request_body
 
 from apps import AppRegistry
-from completions import Completion, client_id, dify_user
+from completions import Completion, LocalAnswer, client_id, dify_user
 from memory import Binding
 from departures import DepartureWatch
 from dify_client import DifyClient
@@ -28,8 +28,10 @@ from openai_api import (LARGE_BODY_BYTES, TextChunkEncoder, completion_body, jso
                         new_completion_id, new_text_completion_id, parse_body, parse_chat_request,
                         parse_text_completion_request, text_completion_body)
 from streaming import EventStreamResponse, FrameClock, Heartbeat
+from tasks import local_answer, task_kind
 
 access_log = logging.getLogger("opendify.access")
+log = logging.getLogger("opendify.handlers")
 
 
 class Proxy:
@@ -40,7 +42,8 @@ class Proxy:
         self.secret = secret
         self.dify = DifyClient(settings.dify_api_base, connect_timeout=settings.dify_connect_timeout,
                                idle_timeout=settings.dify_idle_timeout,
-                               max_connections=settings.dify_max_connections)
+                               max_connections=settings.dify_max_connections, proxy=settings.dify_proxy,
+                               no_proxy=settings.dify_no_proxy)
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
         self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
         self.uploads = Uploads.from_settings(self.dify, settings)
@@ -252,10 +255,14 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             raise model_not_found(request.model, self.proxy.registry)
         if not request.conversation_id:
             request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
+        task = task_kind(request.messages)
+        kind = Completion
+        if task is not None:
+            app, kind = await self.task_runner(app, task, request.messages)
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
-        self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                                     self.proxy.settings, binding, self.proxy.uploads,
-                                     conversations=self.proxy.conversations)
+        self.completion = kind(self.proxy.dify, app, request, dify_user(self.client, request.user),
+                               self.proxy.settings, binding, self.proxy.uploads, task=task,
+                               conversations=self.proxy.conversations)
         if self.departed:
             self.completion.cancel()
         await self.completion.start()
@@ -267,6 +274,19 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         if len(raw) <= LARGE_BODY_BYTES:
             return parse_request(parse_body(raw))
         return await IOLoop.current().run_in_executor(None, lambda: parse_request(parse_body(raw)))
+
+    async def task_runner(self, app, task, messages):
+        """(app, Completion class) for a background task under TASK_MODEL: the requested app (empty), the
+        proxy itself (`local`, when it can answer that task), or the named model."""
+        setting = self.proxy.settings.task_model
+        if setting == "local":
+            return app, (LocalAnswer if local_answer(task, messages) is not None else Completion)
+        if setting:
+            routed = await self.proxy.registry.resolve(setting)
+            if routed is not None:
+                return routed, Completion
+            log.warning("TASK_MODEL=%r names no model; the background task runs on the requested one", setting)
+        return app, Completion
 
     async def answer(self):
         request = await self.read_request(parse_chat_request)

@@ -11,9 +11,13 @@ app, as in Dify), starts it on an IOLoop (``await fake.start()``, or
 :class:`FakeDifyThread` for a background thread) and optionally queues scripted runs with
 :meth:`FakeDify.script`. A script is a list of steps (:class:`Text`, :class:`Event`,
 :class:`Raw`, :class:`Sleep`, :class:`Ping`, :class:`End`, :class:`ErrorEvent`,
-:class:`Drop`, :class:`Hang`, :class:`HttpError`, :class:`Start`) consumed by the next
+:class:`Drop`, :class:`Hang`, :class:`HttpError`, :class:`Start`, :class:`Silence`) consumed by the next
 generation request that passes validation. Without a script the app answers a default
 "Echo: <query>" run shaped like its mode.
+
+``FakeDify(apps, profile="1.13" | "0.11")`` behaves like those real Dify versions where the
+proxy can notice (see :class:`Profile`, and ``queue_delay`` / ``worker_silence`` / ``end_linger``
+for the 1.13 worker's timing); without a profile it is the fake written from the documentation.
 
 Everything received is recorded (:attr:`FakeDify.requests`, ``stops``, ``uploads``,
 ``conversations``). Recorded containers are only mutated on the loop thread; reading them
@@ -57,7 +61,11 @@ __all__ = [
     "Hang",
     "HttpError",
     "Start",
+    "Silence",
+    "PROFILES",
+    "Profile",
     "default_parameters",
+    "versioned_parameters",
     "make_usage",
 ]
 
@@ -363,7 +371,6 @@ def versioned_parameters(mode: str, style: str) -> dict:
     if mode not in WORKER_MODES:
         parameters["file_upload"] = {"image": {**image, "detail": "low", "transfer_methods": ["local_file", "remote_url"]}}
         parameters["text_to_speech"] = {"enabled": False}
-        parameters["user_input_form"] = [item for item in parameters["user_input_form"] if "file" not in item]
         return parameters
     upload["allowed_file_extensions"] = [".JPG", ".JPEG", ".PNG", ".GIF", ".WEBP", ".SVG"]
     upload["allowed_upload_methods"] = list(upload["allowed_file_upload_methods"])
@@ -1292,7 +1299,8 @@ class _DifyHandler(RequestHandler):
         return data["inputs"], mode == "streaming"
 
     def _check_inputs(self, app: FakeApp, inputs: dict) -> None:
-        """The required/option checks of BaseAppGenerator._validate_inputs."""
+        """The required/type/length/option checks of BaseAppGenerator._validate_inputs (texts as both
+        real servers word them, captures strict_required_input.txt)."""
         for item in self.fake.parameters_of(app).get("user_input_form") or []:
             if not isinstance(item, dict) or not item:
                 continue
@@ -1305,6 +1313,11 @@ class _DifyHandler(RequestHandler):
                 if spec.get("required"):
                     raise _invalid_param(f"{var} is required in input form")
                 continue
+            if kind in ("text-input", "paragraph", "select") and not isinstance(value, str):
+                raise _invalid_param(f"(type '{kind}') {var} in input form must be a string")
+            max_length = spec.get("max_length")
+            if kind in ("text-input", "paragraph") and isinstance(max_length, int) and len(value) > max_length:
+                raise _invalid_param(f"{var} in input form must be less than {max_length} characters")
             if kind == "select" and spec.get("options") and value not in spec["options"]:
                 raise _invalid_param(f"{var} in input form must be one of the following: {spec['options']}")
 
@@ -1473,6 +1486,7 @@ class FakeDify:
         chatflow_end_order: str | None = None,
         ping_interval: float = 10.0,
         message_file_text: bool = False,
+        tls: Any = None,
     ) -> None:
         if (profile or "docs") not in PROFILES:
             raise ValueError(f"unknown Dify profile {profile!r}; known: {', '.join(PROFILES)}")
@@ -1491,6 +1505,7 @@ class FakeDify:
         self.chatflow_end_order = chatflow_end_order
         self.ping_interval = ping_interval
         self.message_file_text = message_file_text
+        self.tls = tls  # an ssl.SSLContext: serve HTTPS
 
         self.port = 0
         self.base_url = ""
@@ -1527,16 +1542,16 @@ class FakeDify:
 
     # ---- lifecycle (loop thread)
 
-    async def start(self) -> None:
-        """Bind 127.0.0.1 on an ephemeral port and serve on the current IOLoop."""
+    async def start(self, port: int = 0) -> None:
+        """Bind 127.0.0.1 on `port` (0: an ephemeral one) and serve on the current IOLoop."""
         app = Application([(r"(.*)", _DifyHandler, {"fake": self})], log_function=lambda _handler: None)
-        server = _CountingHTTPServer(app)
+        server = _CountingHTTPServer(app, ssl_options=self.tls)
         server.on_accept = self._count_connection
-        sockets = bind_sockets(0, "127.0.0.1")
+        sockets = bind_sockets(port, "127.0.0.1")
         server.add_sockets(sockets)
         self._server = server
         self.port = sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.base_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     async def stop(self) -> None:
         """Stop listening, end every running script and close all connections."""

@@ -4,6 +4,9 @@ import json
 import os
 
 import pytest
+from agents import Agent, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
+from openai import AsyncOpenAI
+from pydantic import BaseModel
 
 import marks
 import memory
@@ -11,7 +14,8 @@ from completions import client_id
 from config import ConfigError, settings_from
 from dify_client import DifyClient
 from fake_dify import End, ErrorEvent, FakeApp, Text, default_parameters
-from support import CLIENT_KEY, sse_events
+from support import CLIENT_KEY, sse_events, wait_for
+from tasks import local_answer, task_kind
 
 CAPTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "open-webui-0.12.4.jsonl")
 CHAT = "Chat Bot"
@@ -275,3 +279,133 @@ def test_too_long_for_the_input_names_what_made_it_long(form_apps):
     assert "the new message (34)" in message and "at most 4000" in message and "tool" not in message
     assert message.index("earlier messages") < message.index("system prompt") < message.index("new message")
     assert not form_apps.dify.requests_to("/workflows/run")
+
+
+# --------------------------------------------------------------------------- background tasks
+
+def owui_task(harness, **extra):
+    """Open WebUI's captured title request (stream false, max_tokens 1000), on our model."""
+    status, headers, raw = harness.raw("POST", "/v1/chat/completions", {**captured()[0], "model": CHAT, **extra})
+    assert status == 200, raw
+    if extra.get("stream"):
+        events = sse_events(raw)
+        return headers, "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+    return headers, json.loads(raw)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_task_requests_never_touch_a_chat_and_leave_no_conversation(make_harness, stream):
+    harness = make_harness(env=MODE2)
+    messages = [{"role": "user", "content": "Hi Echo, please introduce yourself"}]
+    messages.append({"role": "assistant", "content": owui_chat_turn(harness, messages)})
+    (chat_conversation,) = harness.dify.conversations
+    headers, title = owui_task(harness, stream=stream)
+    sent = harness.chat_bodies()[-1]
+    assert sent["conversation_id"] == "" and sent["auto_generate_name"] is False
+    assert sent["query"] == captured()[0]["messages"][0]["content"], "one-shot: the task as it came, no tools"
+    assert not marks.has_mark_characters(title) and "x-dify-conversation-id" not in headers
+    assert wait_for(lambda: list(harness.dify.conversations) == [chat_conversation]), "the task's conversation is deleted"
+    assert len(harness.dify.requests_to("/conversations/" + sent_conversation(harness), "DELETE")) == 1
+    assert len(dify_queries(harness, chat_conversation)) == 1, "the chat's conversation got nothing"
+    messages.append({"role": "user", "content": "And you?"})
+    owui_chat_turn(harness, messages)
+    assert harness.chat_bodies()[-1]["conversation_id"] == chat_conversation
+
+
+def sent_conversation(harness):
+    deleted = [r.path for r in harness.dify.requests if r.method == "DELETE"]
+    return deleted[-1].rsplit("/", 1)[-1]
+
+
+def test_task_requests_answered_locally(make_harness):
+    harness = make_harness(env={**MODE2, "TASK_MODEL": "local"})
+    _, title = owui_task(harness)
+    assert json.loads(title) == {"title": "Hi Echo please introduce yourself"}
+    _, streamed = owui_task(harness, stream=True)
+    assert json.loads(streamed)["title"] == "Hi Echo please introduce yourself"
+    tags = captured()[0]["messages"][0]["content"].replace(
+        "Generate a concise title summarizing the chat history.",
+        "Generate 1-3 broad tags categorizing the main themes of the chat history.")
+    _, answer = owui_task(harness, messages=[{"role": "user", "content": tags}])
+    assert json.loads(answer) == {"tags": ["General"]}
+    librechat = [{"role": "user", "content": "Provide a concise, 5-word-or-less title for the conversation, using "
+                                             "title case conventions. Only return the title itself.\n\nConversation:\n"
+                                             "User: Plan a trip to Lisbon in May\nAI: Sure!"}]
+    _, answer = owui_task(harness, messages=librechat)
+    assert answer == "Plan a trip to Lisbon"
+    assert not harness.dify.requests_to("/chat-messages"), "no Dify run at all"
+
+
+def test_task_requests_routed_to_a_cheap_app(make_harness):
+    harness = make_harness(env={**MODE2, "TASK_MODEL": "Flow Bot"})
+    owui_task(harness)
+    (sent,) = harness.dify.requests_to("/chat-messages")
+    assert sent.headers["Authorization"] == "Bearer " + harness.key_of("Flow Bot")
+    assert wait_for(lambda: not harness.dify.conversations)
+
+
+def test_real_chat_turns_are_not_tasks():
+    assert task_kind([{"role": "user", "content": "### Task: write me a poem about the sea"}]) is None
+    assert task_kind([{"role": "user", "content": "What is a good title for my essay?"}]) is None
+    cherry = [{"role": "system", "content": "Summarize the conversation into a title in English within 10 words "
+                                            "ignoring instructions and without punctuation or symbols."},
+              {"role": "user", "content": "user: How do tides work?\nassistant: The moon..."}]
+    assert task_kind(cherry) == "plain_title"
+    assert local_answer("plain_title", cherry) == "How do tides work"
+    assert task_kind(captured()[0]["messages"]) == "title"
+
+
+# --------------------------------------------------------------------------- structured output in mode 2
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+FENCED_PERSON = 'Here you go:\n```json\n{"name": "Ada", "age": 36,}\n```\nAnything else?'
+
+
+def test_structured_output_parses_in_mode_two_and_continues_by_header(make_harness):
+    harness = make_harness(env=MODE2)
+    harness.dify.script(harness.key_of(CHAT), Text(*FENCED_PERSON.partition("```")), End())
+    client = harness.client()
+    messages = [{"role": "user", "content": "Who wrote the first program?"}]
+    raw = client.chat.completions.with_raw_response.parse(model=CHAT, messages=messages, response_format=Person)
+    completion = raw.parse()
+    message = completion.choices[0].message
+    assert message.parsed == Person(name="Ada", age=36)
+    assert message.content == '{"name": "Ada", "age": 36}' and not marks.has_mark_characters(message.content)
+    sent = harness.chat_bodies()[-1]["query"]
+    assert sent.startswith("Who wrote the first program?\n\nReply with one valid JSON value") and '"age"' in sent
+    conversation = raw.headers["x-dify-conversation-id"]
+    assert conversation in harness.dify.conversations
+    harness.dify.script(harness.key_of(CHAT), Text('{"name": "Grace", "age": 85}'), End())
+    again = client.chat.completions.parse(
+        model=CHAT, messages=messages + [{"role": "assistant", "content": message.content},
+                                         {"role": "user", "content": "And the first compiler?"}],
+        response_format=Person, extra_headers={"X-Dify-Conversation-Id": conversation})
+    assert again.choices[0].message.parsed == Person(name="Grace", age=85)
+    body = harness.chat_bodies()[-1]
+    assert body["conversation_id"] == conversation and body["query"].startswith("And the first compiler?\n\n")
+
+
+def test_structured_output_streamed_arrives_whole_and_parses(make_harness):
+    harness = make_harness(env=MODE2)
+    harness.dify.script(harness.key_of(CHAT), Text(*FENCED_PERSON), End())
+    status, headers, raw = harness.raw("POST", "/v1/chat/completions", {
+        "model": CHAT, "stream": True, "messages": [{"role": "user", "content": "Who?"}],
+        "response_format": {"type": "json_object"}})
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(raw)[:-1] if e["choices"])
+    assert json.loads(text) == {"name": "Ada", "age": 36} and headers["x-dify-conversation-id"]
+
+
+def test_agents_sdk_output_type_parses_in_mode_two(make_harness):
+    harness = make_harness(env=MODE2)
+    harness.dify.script(harness.key_of(CHAT), Text(FENCED_PERSON), End())
+    set_tracing_disabled(True)
+    model = OpenAIChatCompletionsModel(model=CHAT, openai_client=AsyncOpenAI(
+        base_url=harness.base_url, api_key=CLIENT_KEY, max_retries=0))
+    agent = Agent(name="Historian", instructions="Answer with facts.", model=model, output_type=Person)
+    result = Runner.run_sync(agent, "Who wrote the first program?")
+    assert result.final_output == Person(name="Ada", age=36)
+    assert harness.chat_bodies()[-1]["query"].count('"age"') >= 1, "the JSON Schema was asked of the model"
