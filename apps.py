@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import metrics
 from dify_client import DifyError, StreamFailure
 
 log = logging.getLogger("opendify.apps")
@@ -70,6 +71,8 @@ class AppRegistry:
         self._refreshing = None
         self._last_refresh = 0.0
         self.failing = 0
+        self.reachable = False  # whether Dify answered any /info in the latest refresh
+        self.last_seen = None  # when it last did (time.time())
 
     def get(self, model_id):
         return self._apps.get(model_id)
@@ -112,6 +115,10 @@ class AppRegistry:
         results = await asyncio.gather(*(self._describe(key) for key in self.keys))
         known = dict(self._known)
         self.failing = sum(1 for described in results if described is None)
+        self.reachable = self.failing < len(self.keys)
+        if self.reachable:
+            self.last_seen = time.time()
+        metrics.model_refresh(len(self.keys) - self.failing, self.failing)
         for key, described in zip(self.keys, results):
             if described is not None:
                 known[key] = described

@@ -4,14 +4,14 @@ Dify is always asked to stream, even when the client wants one JSON body: agent 
 only stream, and Dify Cloud cuts blocking calls after about 100 s.
 """
 
+import asyncio
 import hashlib
 import hmac
 import logging
 
-from tornado.ioloop import IOLoop
-
 import marks
 import memory
+import metrics
 import tools
 from apps import CHAT_FAMILY
 from dify_client import DifyError, StreamFailure
@@ -114,6 +114,7 @@ class Completion:
         self._pending_error = None
         self._retried = False
         self._files = []
+        self.stopping = None  # the call telling Dify to stop the run, once made
 
     def _kept_tools(self, requested):
         """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
@@ -420,7 +421,7 @@ class Completion:
         stream.close()
         task_id = stream.task_id
         if task_id and not self.translator.done:
-            IOLoop.current().spawn_callback(self._stop, task_id)
+            self.stopping = asyncio.ensure_future(self._stop(task_id))
 
     async def _stop(self, task_id):
         reason = "client left" if self._cancelled else "answer ended early"
@@ -431,12 +432,14 @@ class Completion:
             log.warning("%s, and stopping the Dify task of model %r failed: %s", reason, self.request.model, error)
 
     def _dify_error(self, error):
+        metrics.dify_error(f"http_{error.status}")
         api = from_dify(error.status, error.code, error.message, self.request.model)
         if error.retry_after and api.retry_after is None:
             api.retry_after = error.retry_after
         return api
 
     def _failure_error(self, failure):
+        metrics.dify_error(failure.kind)
         model = self.request.model
         if failure.kind == "unreachable":
             return upstream_unreachable(model, failure.detail)

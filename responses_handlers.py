@@ -35,7 +35,7 @@ class ResponsesHandler(ChatCompletionsHandler):
 
     response_id = None
 
-    async def post(self):
+    async def answer(self):
         request = parse_responses_request(parse_body(self.request.body))
         self.model = request.model
         self.created_at = int(time.time())
@@ -54,7 +54,8 @@ class ResponsesHandler(ChatCompletionsHandler):
             await self.completion.start()
             if request.stream:
                 encoder = ResponseEventEncoder(self.describe, self.identified)
-                await EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder).run()
+                self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder)
+                await self.stream.run()
                 self.tokens = self.completion.usage()
                 return
             answer = await self.completion.collect()
