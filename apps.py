@@ -81,10 +81,11 @@ class AppRegistry:
         return list(self._apps.values())
 
     async def resolve(self, model_id):
-        """The app for a model id; an unknown id triggers one refresh (shared by concurrent callers,
-        at most one every few seconds) in case the app was just added or renamed in Dify."""
+        """The app for a model id; an unknown id waits for the refresh under way (the first one, at start-up),
+        else triggers one (shared by concurrent callers, at most one every few seconds) in case the app was
+        just added or renamed in Dify."""
         app = self._apps.get(model_id)
-        if app is None and time.monotonic() - self._last_refresh > 5:
+        if app is None and (self._refreshing is not None or time.monotonic() - self._last_refresh > 5):
             await self.refresh()
             app = self._apps.get(model_id)
         return app

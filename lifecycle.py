@@ -65,12 +65,17 @@ def _limit(value):
 
 # --- workers ----------------------------------------------------------------------------------
 
+_stop_requested = False  # a stop signal came; a worker forked after it (a restart) stops at once
+
+
 def fork_workers(count):
     """Forks `count` workers; returns the worker's number in each worker. The parent stays here, restarting
     workers that die, until all have exited after a stop signal, then exits 0 (Tornado's fork_processes)."""
     parent = os.getpid()
 
     def pass_on(signum, frame):
+        global _stop_requested
+        _stop_requested = True
         log.info("%s: stopping the workers", signal.Signals(signum).name)
         for child in _children(parent):
             try:
@@ -81,11 +86,29 @@ def fork_workers(count):
     signal.signal(signal.SIGTERM, pass_on)
     signal.signal(signal.SIGINT, pass_on)
     number = fork_processes(count)
-    # A worker: its own stop handling is set up on its event loop.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # A worker. Until its event loop takes over, a stop signal is only noted (dying of it would get the
+    # worker restarted); and it is told to stop if the parent dies, so that no worker is left orphaned.
+    signal.signal(signal.SIGTERM, _note_stop)
+    signal.signal(signal.SIGINT, _note_stop)
+    _stop_with_parent(parent)
     log.info("worker %d started (pid %d)", number, os.getpid())
     return number
+
+
+def _note_stop(signum, frame):
+    global _stop_requested
+    _stop_requested = True
+
+
+def _stop_with_parent(parent):
+    """Linux: SIGTERM when the parent process dies (prctl PR_SET_PDEATHSIG); elsewhere nothing."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:
+        _note_stop(signal.SIGTERM, None)
 
 
 def _children(pid):
@@ -152,7 +175,9 @@ class InFlight:
 
 
 def on_stop_signal(callback):
-    """Calls `callback` (once) on the running loop at SIGTERM or SIGINT."""
+    """Calls `callback` (once) on the running loop at SIGTERM or SIGINT, or at once if one came already."""
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, callback, signal.Signals(signum).name)
+    if _stop_requested:
+        loop.call_soon(callback, "stop signal")

@@ -93,6 +93,8 @@ def main():
         run(serve(settings, sockets))
         return
     directory, made = metrics.shared_directory() if settings.metrics_key else (None, False)
+    if directory:
+        log.info("metrics of the %d workers are kept in %s", settings.workers, directory)
     try:
         lifecycle.fork_workers(settings.workers)
     except BaseException:  # the parent, once every worker has exited (SystemExit) or too many died
