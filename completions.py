@@ -9,11 +9,15 @@ import hashlib
 import hmac
 import logging
 
+from tornado.ioloop import IOLoop
+
 import marks
 import memory
 import metrics
+import tasks
 import tools
 from apps import CHAT_FAMILY
+from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
@@ -24,6 +28,7 @@ from output_format import format_instructions
 log = logging.getLogger("opendify.completions")
 
 _MAX_USER_FIELD = 64
+_SLICE = 256  # events translated per turn of the loop: a long burst from Dify must not hold it for others
 _STOP_KINDS = {"completion": "completion", "workflow": "workflow"}
 
 
@@ -81,8 +86,10 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True):
+    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
+                 conversations=None, task=None):
         self.dify = dify
+        self.task = task
         self.app = app
         self.request = request
         self.user = user
@@ -90,9 +97,10 @@ class Completion:
         self.translator = translator_for(app.mode, request.model, settings)
         self.binding = binding
         self.uploads = uploads if uploads is not None else Uploads(dify)
+        self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
-        self.marks_replies = (marks and self.conversational and binding is not None and settings is not None
+        self.marks_replies = (marks and task is None and self.conversational and binding is not None and settings is not None
                               and settings.conversation_memory_mode == 2)
         self.plan = None
         try:
@@ -101,6 +109,7 @@ class Completion:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
         self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
         self._tools_seen = None
+        self._tool_text = ""
         self._held = ""
         self.format_instructions = format_instructions(request.body.get("response_format"))
         self._visible = []
@@ -115,10 +124,14 @@ class Completion:
         self._retried = False
         self._files = []
         self.stopping = None  # the call telling Dify to stop the run, once made
+        self._backlog = None  # events of a long burst still to translate, from _backlog_at on
+        self._backlog_at = 0
 
     def _kept_tools(self, requested):
         """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
         for completion and workflow apps (not chat agents) only a call the request forces."""
+        if self.task is not None:
+            return None  # a background task is answered in text, whatever tools came with it
         policy = self.settings.client_tools_for(self.request.model) if self.settings is not None else "all"
         kept = tools.for_policy(requested, policy)
         if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
@@ -130,11 +143,13 @@ class Completion:
         explicit conversation id) only the turns Dify's conversation has not seen; plus, when the
         client offers tools, how to call them."""
         messages = self.request.messages
-        explicit = self.request.conversation_id if self.conversational else ""
+        explicit = self.request.conversation_id if self.conversational and self.task is None else ""
         if self.marks_replies or explicit:
             self.plan = memory.plan_conversation(messages, self.binding, explicit)
             if self.plan.sits_on is not None:
                 await self._check_newest()
+            else:
+                await self._check_conversation()
         else:
             folded = memory.fold_query(messages)
             self.plan = memory.Plan("", folded, folded)
@@ -176,9 +191,9 @@ class Completion:
             seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
             known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
             self._tools_seen = seen
-            text = tools.tool_instructions(request, with_catalogue=not known)
-            if text:
-                query += "\n\n" + text
+            self._tool_text = tools.tool_instructions(request, with_catalogue=not known)
+            if self._tool_text:
+                query += "\n\n" + self._tool_text
         if self.format_instructions:
             query += "\n\n" + self.format_instructions
         return query
@@ -198,11 +213,13 @@ class Completion:
         if mode in ("completion", "workflow"):
             target = text_variable(form, given, self.settings.input_variable if self.settings else "")
             if target is not None:
+                query = self._fitted(query, next((v for v in form or () if v.name == target), None))
                 given = {**given, target: query}
             elif mode == "workflow":
                 log.debug("model %r: the workflow's input form has no free text variable; the message is not "
                           "sent (its inputs are)", self.request.model)
-        body = {"inputs": check_inputs(form, given, target), "user": self.user, "response_mode": "streaming"}
+        parts = self._text_parts() if target is not None else ()
+        body = {"inputs": check_inputs(form, given, target, parts), "user": self.user, "response_mode": "streaming"}
         if files:
             body["files"] = files
         if mode == "workflow":
@@ -214,6 +231,27 @@ class Completion:
         body.update({"query": query, "conversation_id": self.plan.conversation_id, "auto_generate_name": False})
         return "/chat-messages", body
 
+    def _fitted(self, query, variable):
+        """A forced tool's catalogue goes into a completion or workflow app's input only if it fits the
+        variable's max_length; otherwise the app gets the text without it (and answers in text)."""
+        if not self._tool_text or variable is None or not variable.max_length or len(query) <= variable.max_length:
+            return query
+        log.debug("model %r: the tool catalogue does not fit the input '%s'; sent without it", self.request.model,
+                  variable.name)
+        self.tool_request = self.tool_parser = None
+        self._tool_text = ""
+        return self._with_tools(self.plan)
+
+    def _text_parts(self):
+        """What the text for a completion or workflow app's input is made of, with lengths, so a 400
+        about its size names what made it long."""
+        parts = [(label, len(text)) for label, text in memory.folded_blocks(self.request.messages)]
+        if self._tool_text:
+            parts.append(("the tool catalogue", len(self._tool_text)))
+        if self.format_instructions:
+            parts.append(("the output format instruction", len(self.format_instructions)))
+        return parts
+
     async def start(self):
         """Builds the Dify request and opens the stream; early failures raise APIError. A client that
         left while the files were uploading gets no run at all."""
@@ -222,6 +260,26 @@ class Completion:
         self._files = files
         path, body = self.dify_request(query, files)
         self._open(path, body)
+
+    async def _check_conversation(self):
+        """Before continuing a conversation that `_check_newest` does not check (an explicit id, a mark
+        of the first version) on an app whose Dify (1.13+) answers an unknown one with silence, asks
+        whether it still exists: an explicit id that is gone is a 404, a marked chat whose
+        conversation is gone starts afresh from the whole visible history, both at once."""
+        plan = self.plan
+        if not plan.conversation_id or not self.conversations.needed(self.app.mode):
+            return
+        try:
+            alive = await self.conversations.exists(self.app.key, self.user, plan.conversation_id)
+        except StreamFailure as failure:
+            raise self._failure_error(failure)
+        if alive:
+            return
+        if plan.explicit:
+            raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
+        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
+                 "history", self.request.model)
+        self.plan = plan.fresh()
 
     def _reopen(self):
         path, body = self.dify_request(self._with_tools(self.plan), self._files)
@@ -259,7 +317,7 @@ class Completion:
         if translator.done or self._cancelled:
             return None
         try:
-            events = await self._stream.next_events()
+            events = await self._next_events()
         except DifyError as error:
             if await self._retry(error):
                 return await self.next_pieces()
@@ -299,6 +357,23 @@ class Completion:
         if translator.done:
             pieces.extend(self._closing_pieces())
         return pieces
+
+    async def _next_events(self):
+        """The next events to translate: a long burst is taken a slice at a time, yielding to the loop
+        between slices, so that other streams and requests are served while it is translated."""
+        if self._backlog is not None:
+            await asyncio.sleep(0)
+            events, start = self._backlog, self._backlog_at
+        else:
+            events, start = await self._stream.next_events(), 0
+            if events is None or len(events) <= _SLICE:
+                return events
+        end = start + _SLICE
+        if end >= len(events):
+            self._backlog = None
+        else:
+            self._backlog, self._backlog_at = events, end
+        return events[start:end]
 
     def _parse_tools(self, pieces):
         """Answer text through the tool-call parser: calls come out as TOOL_CALL pieces, never as text."""
@@ -371,7 +446,8 @@ class Completion:
 
     @property
     def conversation_id(self):
-        return self.translator.conversation_id if self.conversational else None
+        """The Dify conversation the client may continue; none for a background task (its own is deleted)."""
+        return self.translator.conversation_id if self.conversational and self.task is None else None
 
     async def collect(self):
         """The whole answer, for a non-streaming client."""
@@ -415,6 +491,8 @@ class Completion:
         if self._closed:
             return
         self._closed = True
+        if self.task is not None and self.conversational and self.translator.conversation_id:
+            IOLoop.current().spawn_callback(self._discard, self.translator.conversation_id)
         stream = self._stream
         if stream is None or self.translator.done and not self._cancelled:
             return  # a finished answer's response ends by itself, and its connection is reused
@@ -422,6 +500,15 @@ class Completion:
         task_id = stream.task_id
         if task_id and not self.translator.done:
             self.stopping = asyncio.ensure_future(self._stop(task_id))
+
+    async def _discard(self, conversation_id):
+        """A background task's one-shot Dify conversation is deleted once answered: it must not litter the
+        user's conversation list in Dify."""
+        try:
+            await self.dify.delete_conversation(self.app.key, conversation_id, self.user)
+        except (DifyError, StreamFailure) as error:
+            log.warning("model %r: deleting a background task's Dify conversation failed (%s)", self.request.model,
+                        getattr(error, "status", None) or getattr(error, "kind", ""))
 
     async def _stop(self, task_id):
         reason = "client left" if self._cancelled else "answer ended early"
@@ -448,3 +535,18 @@ class Completion:
         if failure.kind == "malformed":
             return upstream_broken(model, failure.detail)
         return upstream_broken(model, "closed the connection before the answer was complete")
+
+
+class LocalAnswer(Completion):
+    """A background task answered by the proxy itself (TASK_MODEL=local): no Dify run, no cost."""
+
+    async def start(self):
+        self._local = tasks.local_answer(self.task, self.request.messages) or ""
+        self.query_length = sum(len(tasks.message_text(m.get("content"))) for m in self.request.messages)
+
+    async def next_pieces(self):
+        if self._local is None or self._cancelled:
+            return None
+        text, self._local = self._local, None
+        self.answer_length = len(text)
+        return [(CONTENT, text)]

@@ -50,8 +50,10 @@ class Settings:
     shutdown_grace: float = 5.0
     metrics_key: str = field(default="", repr=False)
     health_details: bool = False
+    client_stall_timeout: float = 60.0
     client_tools: str = "all"
     client_tools_by_model: tuple = ()
+    task_model: str = ""
 
     def client_tools_for(self, model):
         """The CLIENT_TOOLS policy for a model: its CLIENT_TOOLS_BY_MODEL entry, else CLIENT_TOOLS."""
@@ -177,8 +179,10 @@ def settings_from(env):
         shutdown_grace=_number(env, "SHUTDOWN_GRACE_S", 5.0, float, 0, 3600),
         metrics_key=env.get("METRICS_KEY", "").strip(),
         health_details=_choice(env, "HEALTH_DETAILS", "off", ("off", "on")) == "on",
+        client_stall_timeout=_number(env, "CLIENT_STALL_TIMEOUT", 60.0, float, 0.1, 3600),
         client_tools=_choice(env, "CLIENT_TOOLS", "all", _TOOL_POLICIES),
         client_tools_by_model=_tools_by_model(env),
+        task_model=env.get("TASK_MODEL", "").strip(),
     )
 
 

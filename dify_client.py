@@ -38,6 +38,7 @@ _IDLE_KEEP = 30.0  # s an unused connection is kept; one the server closed soone
 _IDLE_LIMIT = 256  # unused connections kept at most
 _STREAM_BODY_LIMIT = 1 << 40
 _HEAD_LIMIT = 64 * 1024
+_QUEUE_LIMIT = 256 * 1024  # bytes of events a stream holds for a reader that is not taking them, before pausing
 STOP_PATHS = {
     "chat": "/chat-messages/{}/stop",
     "completion": "/completion-messages/{}/stop",
@@ -396,6 +397,8 @@ class EventStream(Response):
         self._finished = False
         self._aborted = False
         self._connection = None
+        self._queued = 0  # bytes behind the events not yet taken
+        self._paused = False
         client.watch(self)
         self._task = asyncio.ensure_future(self._run(
             client.headers(key, accept="text/event-stream"), json.dumps(body, ensure_ascii=False).encode(), path))
@@ -405,6 +408,7 @@ class EventStream(Response):
         while True:
             if self._events:
                 events, self._events = self._events, []
+                self._let_in()
                 return events
             if self._failure is not None:
                 raise self._failure
@@ -475,6 +479,23 @@ class EventStream(Response):
             # "event: ping", comments and other fields carry nothing the proxy needs.
         if len(self._events) != before:
             self._wake()
+        self._hold_back(len(chunk))
+
+    def _hold_back(self, size):
+        """Back-pressure: while the reader (a client that is not reading) leaves events waiting, Dify's
+        connection is not read; the reader's next take lets it in again."""
+        self._queued += size
+        if self._queued > _QUEUE_LIMIT and not self._paused and self._connection is not None:
+            self._paused = True
+            self._connection.transport.pause_reading()
+
+    def _let_in(self):
+        self._queued = 0
+        if self._paused:
+            self._paused = False
+            self.last_activity = time.monotonic()  # a paused stream's silence was the client's, not Dify's
+            if self._connection is not None and not self._connection.lost:
+                self._connection.transport.resume_reading()
 
     def _dispatch(self):
         payload = b"\n".join(self._data_lines) if len(self._data_lines) > 1 else self._data_lines[0]
@@ -628,7 +649,7 @@ class DifyClient:
 
     def _check_idle(self):
         deadline = time.monotonic() - self.idle_timeout
-        for stream in [s for s in self._streams if s.last_activity < deadline]:
+        for stream in [s for s in self._streams if s.last_activity < deadline and not s._paused]:
             log.warning("Dify stream silent for %.1f s; closing it", self.idle_timeout)
             stream.fail(StreamFailure("timeout", f"sent nothing for {self.idle_timeout:g} s"))
 

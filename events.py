@@ -334,7 +334,7 @@ class AnswerTranslator:
         self._reasoning_key = None
         self._reasoned = False
         self._thoughts = {}
-        self._round_text = ""
+        self._round_text = []  # this agent round's answer text, in pieces: joined only when a thought is compared
         self._files = set()
 
     def feed(self, event):
@@ -394,7 +394,7 @@ class AnswerTranslator:
         if thought and thought != state["thought"]:
             grows = thought.startswith(state["thought"])
             new = thought[len(state["thought"]):] if grows else thought
-            if new.strip() and not _same_text(self._round_text, thought):
+            if new.strip() and not _same_text("".join(self._round_text), thought):
                 steps.append((("thought", key) if grows else None, new))
             state["thought"] = thought
         uses = tool_uses(event)
@@ -406,7 +406,7 @@ class AnswerTranslator:
             steps.append((None, "\n\n".join(f"**{label}** returned: {observation}"
                                              for label, _, observation in uses if observation is not None)))
         if thought or uses:
-            self._round_text = ""
+            self._round_text = []
         if self.agent_work == "inline":
             quoted = "\n>\n".join("> " + text.strip().replace("\n", "\n> ") for _, text in steps)
             return self._block(quoted) if steps else ()
@@ -486,7 +486,7 @@ class AnswerTranslator:
         if not text:
             return ()
         if self.mode in _AGENT_MODES:
-            self._round_text += text
+            self._round_text.append(text)
         if self._splitter is None:
             return self._content(text)
         return self._split(self._splitter.feed(text))

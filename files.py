@@ -633,6 +633,13 @@ class Policy:
 
 # --- uploading --------------------------------------------------------------------------------
 
+# Apps whose streaming runs Dify 1.13 executes in a worker, which meets an upload id it no longer has
+# with silence instead of the 400 the proxy could mend by uploading again (captures R1/R19). A Dify
+# service API has no cheap "does this upload exist" call, so these apps get their files uploaded afresh
+# every time: a resent file costs one more upload, never a stream that stays silent.
+UNREFUSED_UPLOAD_MODES = ("advanced-chat", "workflow")
+
+
 class UploadCache:
     """Dify upload ids by (app, Dify user, content), so a file the client resends is not uploaded again.
 
@@ -710,7 +717,7 @@ class Uploads:
 
     async def _upload_id(self, app, user, model, attachment):
         key = (app.key, user, attachment.digest, attachment.name, attachment.mime)
-        cached = self.cache.get(key)
+        cached = self.cache.get(key) if app.mode not in UNREFUSED_UPLOAD_MODES else None
         metrics.upload(hit=cached is not None)
         if cached is not None:
             log.debug("model %r: %s already uploaded; reusing it", model, attachment.where)

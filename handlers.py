@@ -19,18 +19,21 @@ import metrics
 from tornado.web import RequestHandler, stream_request_body
 
 from apps import AppRegistry
-from completions import Completion, client_id, dify_user
+from completions import Completion, LocalAnswer, client_id, dify_user
 from memory import Binding
 from departures import DepartureWatch
 from dify_client import DifyClient
 from errors import APIError, generic
+from conversations import ConversationCheck
 from files import Uploads
 from lifecycle import InFlight, shutting_down
 from openai_api import (TextChunkEncoder, completion_body, model_object, new_completion_id, new_text_completion_id,
                         parse_body, parse_chat_request, parse_text_completion_request, text_completion_body)
 from streaming import EventStreamResponse, FrameClock, Heartbeat
+from tasks import local_answer, task_kind
 
 access_log = logging.getLogger("opendify.access")
+log = logging.getLogger("opendify.handlers")
 
 
 class Proxy:
@@ -45,6 +48,7 @@ class Proxy:
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
         self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
         self.uploads = Uploads.from_settings(self.dify, settings)
+        self.conversations = ConversationCheck(self.dify)
         self.refresher = None
         self.in_flight = InFlight()
         self.draining = False
@@ -134,7 +138,8 @@ class NotFoundHandler(BaseHandler):
 
 
 class ModelsHandler(BaseHandler):
-    def get(self):
+    async def get(self):
+        await self.proxy.registry.first_listing()
         self.write_json({"object": "list", "data": [model_object(app) for app in self.proxy.registry.all()]})
 
 
@@ -147,6 +152,12 @@ class ModelHandler(BaseHandler):
 
 
 def model_not_found(model_id, registry):
+    """A 404 naming the models there are; a 503 instead when Dify could not be reached to look the model
+    up (the DIFY_API_KEYS are then not to blame)."""
+    if registry.unreachable is not None:
+        return APIError(503, f"Dify cannot be reached ({registry.unreachable}), so the model '{model_id}' cannot be "
+                             "looked up; try again shortly.", type="server_error", code="upstream_unreachable",
+                        retry=True, retry_after=2)
     names = ", ".join(sorted(app.model_id for app in registry.all())) or "none (check the server's DIFY_API_KEYS)"
     return APIError(404, f"The model '{model_id}' does not exist. Available models: {names}.",
                     code="model_not_found", param="model")
@@ -224,12 +235,30 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             raise model_not_found(request.model, self.proxy.registry)
         if not request.conversation_id:
             request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
+        task = task_kind(request.messages)
+        kind = Completion
+        if task is not None:
+            app, kind = await self.task_runner(app, task, request.messages)
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
-        self.completion = Completion(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                                     self.proxy.settings, binding, self.proxy.uploads)
+        self.completion = kind(self.proxy.dify, app, request, dify_user(self.client, request.user),
+                               self.proxy.settings, binding, self.proxy.uploads, task=task,
+                               conversations=self.proxy.conversations)
         if self.departed:
             self.completion.cancel()
         await self.completion.start()
+
+    async def task_runner(self, app, task, messages):
+        """(app, Completion class) for a background task under TASK_MODEL: the requested app (empty), the
+        proxy itself (`local`, when it can answer that task), or the named model."""
+        setting = self.proxy.settings.task_model
+        if setting == "local":
+            return app, (LocalAnswer if local_answer(task, messages) is not None else Completion)
+        if setting:
+            routed = await self.proxy.registry.resolve(setting)
+            if routed is not None:
+                return routed, Completion
+            log.warning("TASK_MODEL=%r names no model; the background task runs on the requested one", setting)
+        return app, Completion
 
     async def answer(self):
         request = parse_chat_request(parse_body(self.request.body))

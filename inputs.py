@@ -69,10 +69,11 @@ def text_variable(variables, given, preferred=""):
     return next((name for name in candidates if _missing(given.get(name))), None)
 
 
-def check_inputs(variables, given, text_variable=None):
+def check_inputs(variables, given, text_variable=None, text_parts=()):
     """The inputs to send: `given` checked against the form, the form's defaults filled in where a
     value is missing. A missing required value, an option not offered, a value too long or of
-    the wrong type is a 400 naming the variable."""
+    the wrong type is a 400 naming the variable; `text_parts` ((label, length) pairs) say what the
+    text put into `text_variable` is made of, for a 400 about its length."""
     inputs = dict(given)
     for variable in variables or ():
         value = inputs.get(variable.name)
@@ -83,13 +84,13 @@ def check_inputs(variables, given, text_variable=None):
                 raise bad_request(f"The app needs the input {variable.title()}: {_HOW}.",
                                   param=f"inputs.{variable.name}", code="missing_input")
             continue
-        problem = _problem(variable, value, variable.name == text_variable)
+        problem = _problem(variable, value, text_parts if variable.name == text_variable else None)
         if problem:
             raise bad_request(problem, param=f"inputs.{variable.name}", code="invalid_input")
     return inputs
 
 
-def _problem(variable, value, holds_message):
+def _problem(variable, value, text_parts):
     """What is wrong with a value for a variable, or None."""
     kind = variable.kind
     if kind in TEXT_KINDS or kind == "select":
@@ -99,10 +100,8 @@ def _problem(variable, value, holds_message):
             return (f"The input {variable.title()} must be one of {', '.join(map(repr, variable.options))}; "
                     f"got {value!r}.")
         if variable.max_length and len(value) > variable.max_length:
-            if holds_message:
-                return (f"The message is {len(value)} characters long, but the app's input {variable.title()} that "
-                        f"receives it allows at most {variable.max_length}: send a shorter message (a single user "
-                        "message, without a system prompt or history), or raise the limit in the app.")
+            if text_parts is not None:
+                return _too_long(variable, value, text_parts)
             return (f"The input {variable.title()} is {len(value)} characters long; the app allows at most "
                     f"{variable.max_length}.")
     elif kind == "number" and not _is_number(value):
@@ -110,6 +109,17 @@ def _problem(variable, value, holds_message):
     elif kind == "checkbox" and not isinstance(value, bool):
         return f"The input {variable.title()} must be true or false; got {value!r}."
     return None
+
+
+def _too_long(variable, value, parts):
+    """The 400 for a message that does not fit its input variable, naming what made the text long."""
+    limit = f"the app's input {variable.title()} that receives it allows at most {variable.max_length}"
+    if len(parts) <= 1:
+        return (f"The message is {len(value)} characters long, but {limit}: send a shorter message, "
+                "or raise the limit in the app.")
+    made_of = ", ".join(f"{label} ({length:,})" for label, length in sorted(parts, key=lambda part: -part[1]))
+    return (f"The text for the app is {len(value):,} characters long: {made_of}; but {limit}. Send less (a "
+            "shorter system prompt, fewer earlier messages: start a new chat) or raise the limit in the app.")
 
 
 def _is_number(value):

@@ -119,21 +119,29 @@ def render_new_turns(turns, names_by_id):
     return "\n".join(render_turn(m, names_by_id) for m in turns)
 
 
-def fold_query(messages, *, include_system=True):
-    """Mode 1: the whole transcript as one Dify query."""
+def folded_blocks(messages, *, include_system=True):
+    """Mode 1's query as its blocks, each with what it holds: (label, text). The labels let an error
+    about the query's size say what made it long."""
     names = tool_names(messages)
     history, new = split_turns(messages)
     blocks = []
     system = system_prompt(messages) if include_system else ""
     if system:
-        blocks.append(f"<system>\n{system}\n</system>")
+        blocks.append(("the system prompt", f"<system>\n{system}\n</system>"))
     if history:
-        blocks.append("<history>\n" + "\n".join(render_turn(m, names) for m in history) + "\n</history>")
+        label = f"{len(history)} earlier message{'s' if len(history) != 1 else ''}"
+        blocks.append((label, "<history>\n" + "\n".join(render_turn(m, names) for m in history) + "\n</history>"))
     if new:
-        blocks.append(render_new_turns(new, names))
+        blocks.append(("the new message" if len(new) == 1 else f"{len(new)} new messages",
+                       render_new_turns(new, names)))
     elif history:
-        blocks.append("Continue your last reply.")
-    return "\n\n".join(blocks)
+        blocks.append(("the request to continue", "Continue your last reply."))
+    return blocks
+
+
+def fold_query(messages, *, include_system=True):
+    """Mode 1: the whole transcript as one Dify query."""
+    return "\n\n".join(text for _, text in folded_blocks(messages, include_system=include_system))
 
 
 @dataclass(frozen=True)

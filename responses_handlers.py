@@ -49,7 +49,8 @@ class ResponsesHandler(ChatCompletionsHandler):
             chat.conversation_id, chat.user = ref.conversation_id, ref.user
         binding = Binding(self.proxy.secret, self.app.mark_id, self.client)
         self.completion = Completion(self.proxy.dify, self.app, chat, dify_user(self.client, chat.user),
-                                     self.proxy.settings, binding, self.proxy.uploads, marks=False)
+                                     self.proxy.settings, binding, self.proxy.uploads, marks=False,
+                                     conversations=self.proxy.conversations)
         try:
             await self.completion.start()
             if request.stream:

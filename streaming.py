@@ -17,7 +17,9 @@ frame by frame: a thousand streams cost one timer, not a timer per stream or cha
 import logging
 import time
 from collections import deque
+from datetime import timedelta
 
+from tornado import gen
 from tornado.concurrent import Future
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import StreamClosedError
@@ -35,6 +37,7 @@ OPENING_RATE = 200.0  # chars/s a first burst is spread at, before the upstream'
 SMOOTH_SPREAD = 0.05  # s: spreading over less than this is invisible (20 updates a second)
 GAP_MARGIN = 1.5  # spread bursts past the expected gap, so a late burst does not leave a hole
 GAP_HISTORY = 5  # gaps the expected gap is the median of: one tool-call pause does not reset it
+CLIENT_BUFFER = 256 * 1024  # bytes written for a client and not yet taken by its socket before the relay waits
 
 
 class Pacer:
@@ -278,8 +281,12 @@ class EventStreamResponse:
 
     Writes never wait for the socket: the relay and the frame clock both write to the same
     connection, and Tornado resolves only the latest of overlapping flush futures, so an
-    awaited earlier one could hang. A closed client is noticed from the flush result (and
-    from the handler's on_connection_close), which cancels the Dify run.
+    awaited earlier one could hang. Instead every flush result reports how much of what was
+    written has reached the socket; once more than CLIENT_BUFFER is waiting (a client that
+    reads slowly or not at all), the relay stops taking Dify's events until the buffer has
+    drained, so Dify's stream is not read for it either (back-pressure), and a client that
+    leaves it full for CLIENT_STALL_TIMEOUT is cut off. A closed client is noticed from the
+    flush result (and from the handler's on_connection_close), which cancels the Dify run.
     """
 
     def __init__(self, handler, completion, heartbeat, encoder=None):
@@ -296,6 +303,10 @@ class EventStreamResponse:
         self.pacer = self.frames.pacer() if self.frames is not None else None
         self._drained = None
         self._conversation_untold = False
+        self._written = 0  # bytes handed to the connection
+        self._flushed_upto = 0  # of which the socket has taken this many
+        self._room = None  # resolved when the client's buffer has drained
+        self.stall_timeout = handler.proxy.settings.client_stall_timeout
 
     async def run(self):
         self.heartbeat.add(self)
@@ -320,6 +331,8 @@ class EventStreamResponse:
                     self._tell_conversation()
                 if pieces:
                     self.relay(pieces)
+                if self._written - self._flushed_upto > CLIENT_BUFFER:
+                    await self._wait_for_room()
         except Exception as error:
             if not self.committed:
                 raise
@@ -356,6 +369,24 @@ class EventStreamResponse:
         self.handler.error_code = error.code
         self.send((self.encode(self.pacer.flush()) if self.pacer is not None else b"")
                   + self.encoder.error(error) + self.encoder.DONE)
+
+    async def _wait_for_room(self):
+        """Back-pressure: waits until the client's socket has taken what was written, at most the stall
+        timeout; then the client is cut off (its buffer is released and the run cancelled)."""
+        self._room = Future()
+        try:
+            await gen.with_timeout(timedelta(seconds=self.stall_timeout), self._room)
+        except gen.TimeoutError:
+            if self.closed:
+                return
+            log.warning("stream for model %r: the client read nothing for %g s; closing it",
+                        self.completion.request.model, self.stall_timeout)
+            self.handler.error_code = "client_stalled"
+            self.closed = True
+            self.completion.cancel()
+            self.handler.request.connection.stream.close()
+        finally:
+            self._room = None
 
     def _awaiting_conversation(self):
         """Whether the 200 should wait for Dify's first event naming the conversation, so that the
@@ -458,7 +489,9 @@ class EventStreamResponse:
             return
         self.handler.write(data)
         self.last_write = time.monotonic()
-        self.handler.flush().add_done_callback(self._flushed)
+        self._written += len(data)
+        written = self._written
+        self.handler.flush().add_done_callback(lambda future: self._flushed(future, written))
 
     def keepalive(self):
         if self.closed or self.handler.request.connection.stream.closed():
@@ -467,11 +500,16 @@ class EventStreamResponse:
             self.commit()
         self.send(ChunkEncoder.KEEPALIVE)
 
-    def _flushed(self, future):
+    def _flushed(self, future, written):
+        """A flush ended: everything written up to `written` bytes has reached the socket, or the client
+        has gone."""
         if future.cancelled():
             return
         error = future.exception()
         if error is None:
+            self._flushed_upto = max(self._flushed_upto, written)
+            if self._written - self._flushed_upto <= CLIENT_BUFFER:
+                self._make_room()
             return
         if not isinstance(error, StreamClosedError):
             future.result()
@@ -479,3 +517,9 @@ class EventStreamResponse:
             self.closed = True
             self.completion.cancel()
             self._wake()
+        self._make_room()
+
+    def _make_room(self):
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)

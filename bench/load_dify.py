@@ -10,8 +10,10 @@ What each answer looks like is asked for in the query, as `key=value` words, e.g
   pattern   steady (tokens of `size`..`size_max` chars at `rate` per second), bursty (30-60
             characters every 200-350 ms), fast (3-6 characters at 200 per second), stamp
             (each token is `@<monotonic time mod 1000>;`, for lag measurements at `rate`);
+            flood (`tokens` events of `size` characters, written as fast as the proxy reads them);
   tokens    how many tokens or bursts; first: seconds before the first one;
   seed      the random pattern; tag: remember emit times under this name (GET /bench/emits/<tag>).
+A key containing "agent" is an agent-chat app ("Bench Agent"), answering in `agent_message` events.
 GET /bench/stats reports connections and TLS handshakes accepted, requests and events sent.
 
 Run: python bench/load_dify.py [--cert C --key K]; it prints one JSON line with its ports.
@@ -57,6 +59,9 @@ def schedule(options, rnd):
             plan.append((at, _text(rnd, size)))
             at += rnd.uniform(0.2, 0.35)
         return plan
+    if pattern == "flood":
+        text = _text(rnd, int(options.get("size", 8)))
+        return [(0.0, text)] * count
     if pattern == "fast":
         low, high, rate = 3, 6, 200.0
     else:
@@ -87,16 +92,21 @@ def chunk(data):
 class Answer:
     """One streaming answer, its events written on a chain of loop timers."""
 
+    FLOOD_BATCH = 500  # events written per loop turn in a flood
+    FLOOD_BUFFER = 1 << 20  # bytes the transport may hold before a flood waits for the reader
+
     def __init__(self, protocol, query, user):
         self.protocol = protocol
         self.stats = protocol.stats
         options = parse_query(query)
+        self.options = options
         self.tag = options.get("tag")
         self.plan = schedule(options, random.Random(options.get("seed", "1")))
         self.task_id = str(uuid.uuid4())
         ids = (f'"conversation_id":"{uuid.uuid4()}","message_id":"{self.task_id}","created_at":{int(time.time())},'
                f'"task_id":"{self.task_id}","id":"{self.task_id}"')
-        self.head = ('data: {"event":"message",' + ids + ',"answer":').encode()
+        name = "agent_message" if protocol.agent else "message"
+        self.head = ('data: {"event":"' + name + '",' + ids + ',"answer":').encode()
         self.tail = b',"from_variable_selector":null}\n\n'
         self.end = ('data: ' + json.dumps({"event": "message_end", "conversation_id": None, "task_id": self.task_id,
                                            "id": self.task_id, "metadata": {"usage": make_usage(10, len(self.plan))},
@@ -113,6 +123,9 @@ class Answer:
         self._next()
 
     def _next(self):
+        if self.options.get("pattern") == "flood":
+            self.handle = self.protocol.loop.call_soon(self._flood)
+            return
         if self.index >= len(self.plan):
             self.protocol.transport.write(chunk(self.end) + b"0\r\n\r\n")
             self.finish()
@@ -131,7 +144,27 @@ class Answer:
             self.emitted.append((now, len(text)))
         self._next()
 
+    def _flood(self):
+        """Writes the next batch of a flood, or waits while the reader is behind."""
+        transport = self.protocol.transport
+        if transport.is_closing():
+            return
+        if transport.get_write_buffer_size() > self.FLOOD_BUFFER:
+            self.handle = self.protocol.loop.call_later(0.005, self._flood)
+            return
+        batch = self.plan[self.index:self.index + self.FLOOD_BATCH]
+        if not batch:
+            self.index = len(self.plan)
+            self.options["pattern"] = "done"
+            self._next()
+            return
+        self.index += len(batch)
+        transport.write(b"".join(chunk(self.head + json.dumps(text).encode() + self.tail) for _, text in batch))
+        self.stats.events += len(batch)
+        self.handle = self.protocol.loop.call_soon(self._flood)
+
     def stop(self):
+        self.options["pattern"] = "stopped"
         if self.handle is not None:
             self.handle.cancel()
         self.index = len(self.plan)
@@ -160,6 +193,7 @@ class DifyProtocol(asyncio.Protocol):
         self.answer = None
         self.transport = None
         self.close_after = False
+        self.agent = False
 
     def connection_made(self, transport):
         self.transport = transport
@@ -194,6 +228,7 @@ class DifyProtocol(asyncio.Protocol):
             method, target = lines[0].split(" ")[:2]
             self.stats.requests += 1
             self.close_after = headers.get("connection", "").lower() == "close"
+            self.agent = "agent" in headers.get("authorization", "")
             self._route(method, target, body)
             if self.close_after and self.answer is None:
                 self.transport.close()
@@ -201,10 +236,10 @@ class DifyProtocol(asyncio.Protocol):
 
     def _route(self, method, path, body):
         if path == "/v1/info":
-            return self._json({"name": APP_NAME, "description": "load fake", "tags": [], "mode": "chat",
-                               "author_name": "bench"})
+            return self._json({"name": APP_NAME + (" Agent" if self.agent else ""), "description": "load fake",
+                               "tags": [], "mode": "agent-chat" if self.agent else "chat", "author_name": "bench"})
         if path == "/v1/parameters":
-            return self._json(default_parameters("chat"))
+            return self._json(default_parameters("agent-chat" if self.agent else "chat"))
         if path == "/bench/stats":
             stats = self.stats
             return self._json({"connections": stats.connections, "tls_connections": stats.handshakes,

@@ -119,7 +119,7 @@ class SSE:
     """Collects one SSE answer: the time and text of every delta (or only the token stamps)."""
 
     def __init__(self, kind, stamps_only=False):
-        self.kind = kind  # "openai" (the proxy) or "dify" (straight to the fake)
+        self.kind = kind  # "openai" (the proxy), "responses" (the proxy's Responses API) or "dify" (the fake)
         self.stamps_only = stamps_only
         self.first = None
         self.texts = []  # (arrived, text)
@@ -144,6 +144,8 @@ class SSE:
             self.events += len(blocks)
             return
         for block in blocks:
+            if block.startswith(b"event: "):  # the Responses API names each event on a line before its data
+                block = block[block.find(b"\n") + 1:]
             if not block.startswith(b"data: {"):
                 continue
             self.events += 1
@@ -156,6 +158,8 @@ class SSE:
     def _text(self, event):
         if self.kind == "dify":
             return event.get("answer") if event.get("event") == "message" else None
+        if self.kind == "responses":
+            return event.get("delta") if event.get("type") == "response.output_text.delta" else None
         choices = event.get("choices") or ()
         return choices[0].get("delta", {}).get("content") if choices else None
 
@@ -170,9 +174,14 @@ CLIENT_KEY = "sk-bench-key"
 DIFY_KEY = "app-bench0000000000000000000000"
 
 
-def proxy_request(query, stream=True):
-    body = {"model": "Bench", "stream": stream, "messages": [{"role": "user", "content": query}]}
-    return ("POST", "/v1/chat/completions",
+def proxy_request(query, stream=True, responses=False):
+    """A chat completion request, or with `responses` the same ask through the Responses API."""
+    if responses:
+        body, path = {"model": "Bench", "stream": stream, "input": query}, "/v1/responses"
+    else:
+        body, path = {"model": "Bench", "stream": stream, "messages": [{"role": "user", "content": query}]}, \
+            "/v1/chat/completions"
+    return ("POST", path,
             {"Authorization": f"Bearer {CLIENT_KEY}", "Content-Type": "application/json"}, json.dumps(body).encode())
 
 
@@ -184,7 +193,8 @@ def dify_request(query):
 
 async def run_one(connection, kind, query, stamps_only=False, stream=True, timeout=60.0):
     """One answer on an open connection: (status, SSE collector, sent at); gives up after `timeout` s."""
-    method, path, headers, body = dify_request(query) if kind == "dify" else proxy_request(query, stream)
+    method, path, headers, body = (dify_request(query) if kind == "dify"
+                                   else proxy_request(query, stream, responses=kind == "responses"))
     collector = SSE(kind, stamps_only)
     sent = time.monotonic()
     status = await asyncio.wait_for(connection.request(method, path, headers, body, collector), timeout)

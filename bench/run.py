@@ -239,13 +239,16 @@ async def streams_at_once(port, kind, queries, stagger=0.0, stamps_only=False, s
 
 
 async def figure_cpu(fake, fake_port, proxies, streams, tokens, requests):
-    """2. Proxy CPU per relayed chunk and per non-streaming request, from its own counters."""
+    """2. Proxy CPU per relayed chunk (chat completions and the Responses API) and per non-streaming request,
+    from its own counters."""
     out = {}
     query = f"bench pattern=steady rate=100 size=3 size_max=6 tokens={tokens}"
-    for name, proxy in [("direct", None)] + list(proxies.items()):
+    runs = ([("direct", None, "dify")] + [(name, proxy, "openai") for name, proxy in proxies.items()]
+            + [(name + "_responses", proxy, "responses") for name, proxy in proxies.items()])
+    for name, proxy, kind in runs:
         before_events = (await fake_stats(fake_port))["events"]
         fake_cpu, proxy_cpu = fake.cpu(), proxy.cpu() if proxy else 0.0
-        port, kind = (fake_port, "dify") if proxy is None else (proxy.port, "openai")
+        port = fake_port if proxy is None else proxy.port
         results = await streams_at_once(port, kind, [query] * streams, stagger=0.5)
         chunks = (await fake_stats(fake_port))["events"] - before_events
         errors = sum(1 for r in results if isinstance(r, Exception) or r[0] != 200)
@@ -452,7 +455,9 @@ def print_table(results):
                      f"{row['p50_ms']:>6}/{row['p99_ms']:<8} {row['added_p50_ms']:>6}/{row['added_p99_ms']}")
     cpu = results["cpu"]
     lines.append("2. CPU per relayed chunk          proxy us   chunks per CPU-s   fake us (producer, for scale)")
-    for name in ("smoothing_off", "smoothing_on"):
+    for name in ("smoothing_off", "smoothing_on", "smoothing_off_responses", "smoothing_on_responses"):
+        if name not in cpu:
+            continue
         row = cpu[name]
         lines.append(f"   {name:<30} {row['proxy_us_per_chunk']:>8} {row['chunks_per_cpu_second']:>14}"
                      f"   {row['fake_us_per_chunk']:>8}   (errors {row['errors']})")

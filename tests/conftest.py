@@ -111,10 +111,11 @@ def dify_profile():
 
 @pytest.fixture
 def make_harness(loop, dify_profile):
-    """Builds a harness; keyword arguments override settings (as env names) or pass apps/fake options."""
+    """Builds a harness; keyword arguments override settings (as env names) or pass apps/fake options;
+    `listed=False` skips waiting for the first model listing."""
     made = []
 
-    def make(apps=None, env=None, **fake_options):
+    def make(apps=None, env=None, listed=True, **fake_options):
         fake_options.setdefault("profile", dify_profile)
         dify = FakeDify(apps or default_apps(), **fake_options)
         loop.run(dify.start())
@@ -128,7 +129,8 @@ def make_harness(loop, dify_profile):
 
         async def boot():
             server, proxy, port = start(settings)
-            await proxy.registry.refresh()
+            if listed:  # else the test meets the proxy as a client right after start-up does
+                await proxy.registry.refresh()
             return server, proxy, port
 
         server, proxy, port = loop.run(boot())

@@ -96,6 +96,7 @@ class FakeApp:
     info_has_mode: bool = True
     info_status: int = 200
     info_body: Any = None  # answer /info with exactly this JSON instead
+    info_delay: float = 0.0  # seconds /info takes to answer
     parameters: dict | None = None
     app_id: str = field(default_factory=lambda: str(uuid4()))
 
@@ -1120,6 +1121,8 @@ class _DifyHandler(RequestHandler):
         self._send_json({"welcome": "Dify OpenAPI", "api_version": "v1", "server_version": SERVER_VERSION})
 
     async def _info(self, app: FakeApp) -> None:
+        if app.info_delay > 0:
+            await asyncio.sleep(app.info_delay)
         if app.info_status != 200:
             code, message = _STATUS_ERRORS.get(app.info_status, ("unknown", "Internal Server Error"))
             headers = _UNAUTHORIZED_HEADERS if app.info_status == 401 else None

@@ -10,8 +10,9 @@ import memory
 from completions import client_id
 from config import ConfigError, settings_from
 from dify_client import DifyClient
-from fake_dify import End, ErrorEvent, Text
-from support import CLIENT_KEY, sse_events
+from fake_dify import End, ErrorEvent, FakeApp, Text, default_parameters
+from support import CLIENT_KEY, sse_events, wait_for
+from tasks import local_answer, task_kind
 
 CAPTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "open-webui-0.12.4.jsonl")
 CHAT = "Chat Bot"
@@ -221,3 +222,131 @@ def test_client_tools_by_model_must_be_pairs(value):
     with pytest.raises(ConfigError, match="CLIENT_TOOLS_BY_MODEL"):
         settings_from({"DIFY_API_KEYS": "app-x", "DIFY_API_BASE": "http://127.0.0.1:1/v1", "VALID_API_KEYS": "k",
                        "CLIENT_TOOLS_BY_MODEL": value})
+
+
+# --------------------------------------------------------------------------- completion and workflow apps
+
+def form_app(key, name, mode, max_length):
+    parameters = {**default_parameters(mode), "user_input_form": [
+        {"paragraph": {"label": "Query", "variable": "query", "required": True, "max_length": max_length}}]}
+    return FakeApp(key=key, name=name, mode=mode, parameters=parameters)
+
+
+@pytest.fixture
+def form_apps(make_harness):
+    return make_harness(apps=[form_app("app-wf40000000000000000000000", "Flow 4000", "workflow", 4000),
+                              form_app("app-cp40000000000000000000000", "Completion 4000", "completion", 4000),
+                              form_app("app-wf20000000000000000000000", "Flow 20000", "workflow", 20000)])
+
+
+def input_sent(harness):
+    return harness.dify.requests[-1].json["inputs"]["query"]
+
+
+@pytest.mark.parametrize("model", ["Flow 4000", "Completion 4000"])
+def test_completion_and_workflow_apps_get_no_tool_catalogue(form_apps, model):
+    owui_chat_turn(form_apps, [{"role": "user", "content": "Hi Echo, please introduce yourself"}], model=model)
+    assert input_sent(form_apps) == "Hi Echo, please introduce yourself"
+    # Forced, but the catalogue does not fit the 4,000-character variable: the message alone goes.
+    owui_chat_turn(form_apps, [{"role": "user", "content": "Hi"}], model=model, tool_choice="required")
+    assert input_sent(form_apps) == "Hi"
+
+
+def test_a_forced_tool_that_fits_reaches_a_workflow(form_apps):
+    owui_chat_turn(form_apps, [{"role": "user", "content": "What time is it?"}], model="Flow 20000",
+                   tool_choice={"type": "function", "function": {"name": "get_current_timestamp"}})
+    sent = input_sent(form_apps)
+    assert sent.startswith("What time is it?\n\n# Tools\n") and "\n- get_current_timestamp() — " in sent
+    assert "calendar" not in sent and sent.endswith('You must call the tool "get_current_timestamp" in this reply; '
+                                                    'do not answer with text only.')
+
+
+def test_too_long_for_the_input_names_what_made_it_long(form_apps):
+    history = [{"role": "system", "content": "Be helpful. " * 150}]
+    for turn in range(4):
+        history += [{"role": "user", "content": f"question {turn} " + "words " * 100},
+                    {"role": "assistant", "content": "answer " * 60}]
+    history.append({"role": "user", "content": "Hi Echo, please introduce yourself"})
+    body = {**captured()[1], "model": "Flow 4000", "messages": history}
+    status, _, raw = form_apps.raw("POST", "/v1/chat/completions", body)
+    error = json.loads(raw)["error"]
+    assert status == 400 and error["param"] == "inputs.query"
+    message = error["message"]
+    assert "8 earlier messages (4,308)" in message and "the system prompt (1,8" in message
+    assert "the new message (34)" in message and "at most 4000" in message and "tool" not in message
+    assert message.index("earlier messages") < message.index("system prompt") < message.index("new message")
+    assert not form_apps.dify.requests_to("/workflows/run")
+
+
+# --------------------------------------------------------------------------- background tasks
+
+def owui_task(harness, **extra):
+    """Open WebUI's captured title request (stream false, max_tokens 1000), on our model."""
+    status, headers, raw = harness.raw("POST", "/v1/chat/completions", {**captured()[0], "model": CHAT, **extra})
+    assert status == 200, raw
+    if extra.get("stream"):
+        events = sse_events(raw)
+        return headers, "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1] if e["choices"])
+    return headers, json.loads(raw)["choices"][0]["message"]["content"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_task_requests_never_touch_a_chat_and_leave_no_conversation(make_harness, stream):
+    harness = make_harness(env=MODE2)
+    messages = [{"role": "user", "content": "Hi Echo, please introduce yourself"}]
+    messages.append({"role": "assistant", "content": owui_chat_turn(harness, messages)})
+    (chat_conversation,) = harness.dify.conversations
+    headers, title = owui_task(harness, stream=stream)
+    sent = harness.chat_bodies()[-1]
+    assert sent["conversation_id"] == "" and sent["auto_generate_name"] is False
+    assert sent["query"] == captured()[0]["messages"][0]["content"], "one-shot: the task as it came, no tools"
+    assert not marks.has_mark_characters(title) and "x-dify-conversation-id" not in headers
+    assert wait_for(lambda: list(harness.dify.conversations) == [chat_conversation]), "the task's conversation is deleted"
+    assert len(harness.dify.requests_to("/conversations/" + sent_conversation(harness), "DELETE")) == 1
+    assert len(dify_queries(harness, chat_conversation)) == 1, "the chat's conversation got nothing"
+    messages.append({"role": "user", "content": "And you?"})
+    owui_chat_turn(harness, messages)
+    assert harness.chat_bodies()[-1]["conversation_id"] == chat_conversation
+
+
+def sent_conversation(harness):
+    deleted = [r.path for r in harness.dify.requests if r.method == "DELETE"]
+    return deleted[-1].rsplit("/", 1)[-1]
+
+
+def test_task_requests_answered_locally(make_harness):
+    harness = make_harness(env={**MODE2, "TASK_MODEL": "local"})
+    _, title = owui_task(harness)
+    assert json.loads(title) == {"title": "Hi Echo please introduce yourself"}
+    _, streamed = owui_task(harness, stream=True)
+    assert json.loads(streamed)["title"] == "Hi Echo please introduce yourself"
+    tags = captured()[0]["messages"][0]["content"].replace(
+        "Generate a concise title summarizing the chat history.",
+        "Generate 1-3 broad tags categorizing the main themes of the chat history.")
+    _, answer = owui_task(harness, messages=[{"role": "user", "content": tags}])
+    assert json.loads(answer) == {"tags": ["General"]}
+    librechat = [{"role": "user", "content": "Provide a concise, 5-word-or-less title for the conversation, using "
+                                             "title case conventions. Only return the title itself.\n\nConversation:\n"
+                                             "User: Plan a trip to Lisbon in May\nAI: Sure!"}]
+    _, answer = owui_task(harness, messages=librechat)
+    assert answer == "Plan a trip to Lisbon"
+    assert not harness.dify.requests_to("/chat-messages"), "no Dify run at all"
+
+
+def test_task_requests_routed_to_a_cheap_app(make_harness):
+    harness = make_harness(env={**MODE2, "TASK_MODEL": "Flow Bot"})
+    owui_task(harness)
+    (sent,) = harness.dify.requests_to("/chat-messages")
+    assert sent.headers["Authorization"] == "Bearer " + harness.key_of("Flow Bot")
+    assert wait_for(lambda: not harness.dify.conversations)
+
+
+def test_real_chat_turns_are_not_tasks():
+    assert task_kind([{"role": "user", "content": "### Task: write me a poem about the sea"}]) is None
+    assert task_kind([{"role": "user", "content": "What is a good title for my essay?"}]) is None
+    cherry = [{"role": "system", "content": "Summarize the conversation into a title in English within 10 words "
+                                            "ignoring instructions and without punctuation or symbols."},
+              {"role": "user", "content": "user: How do tides work?\nassistant: The moon..."}]
+    assert task_kind(cherry) == "plain_title"
+    assert local_answer("plain_title", cherry) == "How do tides work"
+    assert task_kind(captured()[0]["messages"]) == "title"

@@ -25,6 +25,7 @@ from support import OTHER_CLIENT_KEY
 
 CHAT = "Chat Bot"
 AGENT = "Agent Bot"
+FLOW = "Flow Bot"
 MB = 1024 * 1024
 
 
@@ -655,3 +656,17 @@ def test_an_upload_dify_lost_is_sent_again_once(harness):
     bodies = harness.chat_bodies()
     assert bodies[-1]["files"][0]["upload_file_id"] in harness.dify.uploads
     assert bodies[-2]["files"][0]["upload_file_id"] not in harness.dify.uploads
+
+
+@pytest.mark.real_difies
+def test_a_chatflow_whose_upload_dify_lost_gets_the_file_again_at_once(harness):
+    # Dify 1.13 meets an unknown upload id in a streaming chatflow with a ping, then silence (R1/R19).
+    message = user(image(data_url(png())))
+    client = harness.client(timeout=10)
+    client.chat.completions.create(model=FLOW, messages=[message])
+    harness.dify.uploads.clear()
+    started = time.monotonic()
+    answer = client.chat.completions.create(model=FLOW, messages=[message]).choices[0].message.content
+    assert answer.startswith("Echo: ") and time.monotonic() - started < 2
+    assert harness.chat_bodies()[-1]["files"][0]["upload_file_id"] in harness.dify.uploads
+    assert harness.dify.silent_failures == []

@@ -5,6 +5,7 @@ events in odd orders, goes silent or breaks off: the client gets an answer or a 
 error ending with `[DONE]`, and a Dify run nobody will read is stopped.
 """
 
+import asyncio
 import base64
 import json
 import socket
@@ -14,7 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from apps import App
+from completions import Completion
+from events import AnswerTranslator
 from fake_dify import Drop, End, ErrorEvent, Event, Hang, Ping, Raw, Sleep, Start, Text
+from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
 from test_files import png
 
@@ -182,3 +187,128 @@ def test_any_event_order_ends_in_an_answer_or_a_clear_error(harness, model, step
     last = events[-2]
     assert "error" in last or last["choices"][0]["finish_reason"] or last.get("usage"), body
     assert "error" not in last or last["error"]["code"] != "internal_error", body
+
+
+# --- a client that reads slowly or not at all ---------------------------------------------------
+
+BIG_PIECE = "y" * 50_000
+BIG_PIECES = 400  # a 20 MB answer: more than the kernel buffers between Dify, the proxy and the client hold
+
+
+def stalled_client(harness, body):
+    """A client with a small receive buffer that sends its request and reads nothing yet."""
+    connection = socket.socket()
+    connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    connection.connect(("127.0.0.1", harness.port))
+    data = json.dumps(body)
+    connection.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                        f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n{data}").encode())
+    return connection
+
+
+def dify_progress(harness):
+    return sum(execution.text_events for execution in list(harness.dify._executions.values()))
+
+
+def settled(read, interval=0.3, timeout=15.0):
+    """The value of `read()` once it has stopped changing."""
+    deadline = time.monotonic() + timeout
+    last = read()
+    while time.monotonic() < deadline:
+        time.sleep(interval)
+        now = read()
+        if now == last:
+            return now
+        last = now
+    return last
+
+
+def test_a_client_that_stops_reading_stops_the_proxy_reading_dify_and_then_gets_everything(make_harness):
+    harness = make_harness(env={"SMOOTH_STREAMING": "off"})
+    harness.dify.script(harness.key_of(CHAT), Text(*[BIG_PIECE] * BIG_PIECES), End())
+    connection = stalled_client(harness, chat_body())
+    assert wait_for(lambda: dify_progress(harness) > 0)
+    sent = settled(lambda: dify_progress(harness))
+    assert sent < BIG_PIECES and harness.dify.active_streams == 1, "Dify was read on for a client not reading"
+    received = bytearray()
+    connection.settimeout(20)
+    while not received.endswith(b"0\r\n\r\n"):
+        data = connection.recv(1 << 20)
+        assert data
+        received += data
+    connection.close()
+    body = bytes(received).split(b"\r\n\r\n", 1)[1]
+    assert body.count(BIG_PIECE.encode()) == BIG_PIECES and b"data: [DONE]" in body
+    assert harness.dify.stops == []
+
+
+def test_a_client_that_stays_stalled_is_cut_off_and_its_run_stopped(make_harness):
+    harness = make_harness(env={"SMOOTH_STREAMING": "off", "CLIENT_STALL_TIMEOUT": "0.5"})
+    harness.dify.script(harness.key_of(CHAT), Text(*[BIG_PIECE] * BIG_PIECES), End())
+    connection = stalled_client(harness, chat_body())
+    assert wait_for(lambda: harness.dify.stops, timeout=10.0)
+    assert wait_for(lambda: harness.dify.active_streams == 0)
+    connection.settimeout(10)
+    while connection.recv(1 << 20):
+        pass  # the proxy closed the connection: what it had sent drains, then the end
+    connection.close()
+
+
+# --- long answers and long bursts: linear work, and the loop stays free -------------------------
+
+def translate(mode, name, events):
+    translator = AnswerTranslator(mode, "model")
+    started = time.process_time()
+    for _ in range(events):
+        translator.feed({"event": name, "answer": "twenty characters.. "})
+    return time.process_time() - started
+
+
+def test_an_800_kb_agent_answer_costs_what_the_same_chat_answer_costs():
+    chat = translate("chat", "message", 40_000)
+    agent = translate("agent-chat", "agent_message", 40_000)
+    assert agent < 3 * chat + 0.05, (agent, chat)
+
+
+class BurstStream:
+    """Stands in for Dify's event stream: one long burst of events in a single read, then the end."""
+
+    task_id = "task"
+
+    def __init__(self, events):
+        self.batches = [events]
+
+    async def next_events(self):
+        return self.batches.pop() if self.batches else None
+
+    def close(self):
+        pass
+
+
+def test_a_50000_event_burst_is_translated_a_slice_at_a_time_so_the_loop_stays_free():
+    app = App(model_id=CHAT, name=CHAT, mode="chat", key="app-unit")
+    request = parse_chat_request({"model": CHAT, "messages": [{"role": "user", "content": "x"}]})
+    completion = Completion(None, app, request, "user", uploads=object())
+    burst = [{"event": "message", "answer": "tok ", "task_id": "task"} for _ in range(50_000)]
+    completion._stream = BurstStream(burst + [{"event": "message_end", "task_id": "task"}])
+
+    async def run():
+        gaps, running = [], True
+
+        async def ticker():
+            last = time.monotonic()
+            while running:
+                await asyncio.sleep(0)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        task = asyncio.ensure_future(ticker())
+        answer = await completion.collect()
+        running = False
+        await task
+        return answer, max(gaps)
+
+    answer, longest = asyncio.run(run())
+    assert answer.message()["content"] == "tok " * 50_000
+    assert longest < 0.1, f"the loop was held for {longest:.3f} s"

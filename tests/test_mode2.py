@@ -2,6 +2,8 @@
 
 import json
 import logging
+import time
+import uuid
 
 import openai
 import pytest
@@ -47,8 +49,8 @@ def test_ten_turn_chat_sends_one_turn_per_request(chat):
     assert len({body["user"] for body in chat.chat_bodies()}) == 1
 
 
-def first_conversation(harness):
-    return next(cid for cid, (key, user) in harness.dify.conversations.items() if key == harness.key_of(CHAT))
+def first_conversation(harness, model=CHAT):
+    return next(cid for cid, (key, user) in harness.dify.conversations.items() if key == harness.key_of(model))
 
 
 def test_stream_carries_the_mark_as_one_chunk_before_finish(chat):
@@ -120,6 +122,61 @@ def test_deleted_conversation_recovers_with_nothing_lost(chat, caplog):
     messages.append({"role": "user", "content": "third"})
     ask(chat, messages)
     assert chat.chat_bodies()[-1]["conversation_id"] not in ("", old)
+
+
+FLOW = "Flow Bot"
+
+
+@pytest.mark.real_difies
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_chatflow_conversation_dify_lost_continues_from_the_whole_history_at_once(chat, stream):
+    # Dify 1.13 answers a streaming chatflow turn on a gone conversation with a ping, then silence (R1).
+    messages = [{"role": "system", "content": "Be kind."}, {"role": "user", "content": "first"}]
+    messages.append({"role": "assistant", "content": ask(chat, messages, model=FLOW)})
+    old = first_conversation(chat, FLOW)
+    chat.dify.delete_conversation(old)
+    messages.append({"role": "user", "content": "second"})
+    started = time.monotonic()
+    client = chat.client(timeout=10)
+    if stream:
+        reply = "".join(chunk.choices[0].delta.content or "" for chunk in client.chat.completions.create(
+            model=FLOW, messages=messages, stream=True) if chunk.choices)
+    else:
+        reply = client.chat.completions.create(model=FLOW, messages=messages).choices[0].message.content
+    assert time.monotonic() - started < 2
+    assert marks.strip_marks(reply).startswith("Echo: <system>\nBe kind.\n</system>")
+    sent = chat.chat_bodies()[-1]
+    assert sent["conversation_id"] == "" and "first" in sent["query"] and sent["query"].endswith("second")
+    assert chat.dify.silent_failures == []
+    assert [r.query["conversation_id"] for r in chat.dify.requests_to("/messages")] == [old]
+
+
+@pytest.mark.real_difies
+def test_an_explicit_chatflow_conversation_id_dify_does_not_have_is_a_prompt_404(chat):
+    client = chat.client(timeout=10)
+    started = time.monotonic()
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model=FLOW, messages=[{"role": "user", "content": "a"}],
+                                       extra_body={"conversation_id": str(uuid.uuid4())})
+    assert "Conversation Not Exists" in caught.value.message
+    status, _, body = chat.raw("POST", "/v1/chat/completions", {
+        "model": FLOW, "stream": True, "messages": [{"role": "user", "content": "b"}]},
+        headers={"X-Dify-Conversation-Id": str(uuid.uuid4())}, timeout=10)
+    assert status == 404 and json.loads(body)["error"]["code"] == "not_found"
+    assert time.monotonic() - started < 2
+    assert chat.chat_bodies() == [] and chat.dify.silent_failures == []
+
+
+def test_a_chatflow_conversation_is_checked_once_per_burst_and_chat_apps_never(chat):
+    raw = chat.client().chat.completions.with_raw_response.create(model=FLOW, messages=[{"role": "user", "content": "a"}])
+    conversation = raw.headers["x-dify-conversation-id"]
+    for text in ("b", "c"):
+        ask(chat, [{"role": "user", "content": text}], model=FLOW, extra_body={"conversation_id": conversation})
+    assert len(chat.dify.requests_to("/messages")) == 1 and chat.proxy.conversations.asked == 1
+    chat_conversation = chat.client().chat.completions.with_raw_response.create(
+        model=CHAT, messages=[{"role": "user", "content": "a"}]).headers["x-dify-conversation-id"]
+    ask(chat, [{"role": "user", "content": "b"}], extra_body={"conversation_id": chat_conversation})
+    assert len(chat.dify.requests_to("/messages")) == 1, "chat apps answer a gone conversation with a 404 at once"
 
 
 def test_edited_history_starts_fresh_while_unedited_never_does(chat):

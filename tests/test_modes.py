@@ -104,6 +104,7 @@ def agent_run():
 
 
 @pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.real_difies
 def test_agent_tool_use_is_thinking_and_the_image_is_in_the_answer(modes, stream):
     modes.dify.script(modes.key_of(AGENT), *agent_run())
     content, reasoning, usage, finish = ask(modes, AGENT, stream, text="Draw a cat")

@@ -278,3 +278,227 @@ def test_failure_before_the_start_is_an_http_error(modes):
     modes.dify.script(modes.key_of(FLOW), End(status="failed", error="LLM node timed out"))
     status, headers, body = post(modes, {"model": FLOW, "input": "x", "stream": True})
     assert status == 502 and "LLM node timed out" in json.loads(body)["error"]["message"]
+
+
+# --- function tools and the tool loop ------------------------------------------------------------
+
+WEATHER = {"type": "function", "name": "get_weather", "description": "Current weather for a city.",
+           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+           "strict": True}
+CODEX_EXTRAS = [{"type": "web_search", "external_web_access": False},
+                {"type": "namespace", "name": "mcp__files", "description": "files", "tools": [WEATHER]},
+                {"type": "custom", "name": "apply_patch", "format": {"type": "grammar", "syntax": "lark",
+                                                                      "definition": "start: /.+/"}}]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+EXEC_CALL = '<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo codex-was-here"}}\n</tool_call>'
+
+
+def test_function_tools_are_offered_and_other_types_left_out(harness):
+    harness.client().responses.create(model=CHAT, input="Weather?", tools=[WEATHER, *CODEX_EXTRAS],
+                                      tool_choice="auto")
+    query = harness.chat_bodies()[-1]["query"]
+    assert query.startswith("Weather?\n\n# Tools") and "- get_weather(city: string)" in query
+    assert "web_search" not in query and "apply_patch" not in query and "mcp__files" not in query
+
+
+@pytest.mark.parametrize("choice", [{"type": "web_search"}, {"type": "custom", "name": "apply_patch"},
+                                    {"type": "mcp", "server_label": "x"}])
+def test_forcing_a_tool_that_is_not_a_function_is_a_400_naming_it(harness, choice):
+    with pytest.raises(openai.BadRequestError) as caught:
+        harness.client().responses.create(model=CHAT, input="x", tools=[WEATHER, *CODEX_EXTRAS], tool_choice=choice)
+    assert f"'{choice['type']}' tool" in caught.value.message and caught.value.param == "tool_choice"
+    assert not harness.chat_bodies()
+
+
+def test_forced_function_and_parallel_calls_reach_the_instructions(harness):
+    harness.client().responses.create(model=CHAT, input="x", tools=[WEATHER], parallel_tool_calls=False,
+                                      tool_choice={"type": "function", "name": "get_weather"})
+    query = harness.chat_bodies()[-1]["query"]
+    assert 'You must call the tool "get_weather"' in query and "at most one tool per reply" in query
+    with pytest.raises(openai.BadRequestError):
+        harness.client().responses.create(model=CHAT, input="x", tools=[WEATHER],
+                                          tool_choice={"type": "function", "name": "nope"})
+
+
+def test_function_call_item_non_streaming(harness):
+    harness.dify.script(harness.key_of(CHAT), Text("Checking. ", CALL[:15], CALL[15:]), End())
+    response = harness.client().responses.create(model=CHAT, input="Weather in Paris?", tools=[WEATHER])
+    check_response(response.model_dump(mode="json", exclude_unset=True))
+    message, call = response.output
+    assert message.type == "message" and response.output_text.strip() == "Checking."
+    assert call.type == "function_call" and call.name == "get_weather" and call.call_id.startswith("call_")
+    assert json.loads(call.arguments) == {"city": "Paris"} and call.status == "completed"
+
+
+def test_function_call_events_streaming(harness):
+    harness.dify.script(harness.key_of(CHAT), Text(CALL[:20], CALL[20:]), End())
+    events = sse(post(harness, {"input": "x", "tools": [WEATHER], "stream": True})[2])
+    kinds = [e["type"] for e in events]
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.function_call_arguments.delta", "response.function_call_arguments.done",
+                     "response.output_item.done", "response.completed"]
+    added, done = events[2]["item"], events[5]["item"]
+    assert added["status"] == "in_progress" and added["arguments"] == "" and done["status"] == "completed"
+    assert json.loads(events[4]["arguments"]) == {"city": "Paris"} and events[4]["name"] == "get_weather"
+    assert events[-1]["response"]["output"] == [done]
+
+
+def history_with_call(call_id):
+    return [{"role": "user", "content": "Weather in Paris?"},
+            {"type": "reasoning", "id": "rs_1", "summary": []},
+            {"type": "function_call", "call_id": call_id, "name": "get_weather", "arguments": '{"city":"Paris"}'},
+            {"type": "function_call_output", "call_id": call_id, "output": "18 C, sunny"}]
+
+
+@pytest.mark.parametrize("memory_mode", ["1", "2"])
+def test_resent_history_tool_loop_in_both_memory_modes(make_harness, memory_mode):
+    harness = make_harness(env={"CONVERSATION_MEMORY_MODE": memory_mode})
+    harness.dify.script(harness.key_of(CHAT), Text(CALL), End())
+    first = harness.client().responses.create(model=CHAT, input="Weather in Paris?", tools=[WEATHER], store=False)
+    call = first.output[-1]
+    assert "\u2060" not in json.dumps(first.model_dump()), "no conversation marks in the Responses API"
+    harness.client().responses.create(model=CHAT, input=history_with_call(call.call_id), tools=[WEATHER],
+                                      store=False)
+    sent = harness.chat_bodies()[-1]
+    assert sent["conversation_id"] == "", "store: false works as memory mode 1"
+    query = sent["query"]
+    tool_call = query.index('<tool_call>\n{"id": "%s", "name": "get_weather"' % call.call_id)
+    result = query.index('<tool_result id="%s" name="get_weather">\n18 C, sunny\n</tool_result>' % call.call_id)
+    assert 0 < tool_call < result and query.index("Weather in Paris?") < tool_call
+
+
+# --- previous_response_id ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("memory_mode", ["1", "2"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_previous_response_id_continues_the_dify_conversation(make_harness, memory_mode, stream):
+    harness = make_harness(env={"CONVERSATION_MEMORY_MODE": memory_mode})
+    harness.dify.script(harness.key_of(CHAT), Text(CALL), End())
+    client = harness.client()
+    if stream:
+        with client.responses.stream(model=CHAT, input="Weather in Paris?", tools=[WEATHER], user="bob") as events:
+            first = events.get_final_response()
+    else:
+        first = client.responses.create(model=CHAT, input="Weather in Paris?", tools=[WEATHER], user="bob")
+    (conversation_id,) = harness.dify.conversations
+    call = first.output[-1]
+    second = client.responses.create(model=CHAT, previous_response_id=first.id, tools=[WEATHER], input=[
+        {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"}])
+    sent = harness.chat_bodies()[-1]
+    assert sent["conversation_id"] == conversation_id
+    assert sent["query"].startswith(f'<tool_result id="{call.call_id}"') and "18 C" in sent["query"]
+    assert sent["user"].endswith(":bob"), "the conversation's Dify user, from the id"
+    assert second.previous_response_id == first.id and second.id != first.id
+    client.responses.create(model=CHAT, previous_response_id=second.id, input="And tomorrow?")
+    assert harness.chat_bodies()[-1]["conversation_id"] == sent["conversation_id"]
+    assert harness.chat_bodies()[-1]["query"] == "And tomorrow?"
+
+
+def flipped(response_id):
+    """The id with one character of its tag changed."""
+    return response_id[:-2] + ("A" if response_id[-2] != "A" else "B") + response_id[-1]
+
+
+def test_previous_response_id_of_another_client_app_or_forged_is_refused(modes):
+    first = modes.client().responses.create(model=CHAT, input="hi")
+    asked = len(modes.chat_bodies())
+    for client, model, response_id, words in [
+            (modes.client(OTHER_CLIENT_KEY), CHAT, first.id, "not found"),
+            (modes.client(), FLOW, first.id, f"is a response of model '{CHAT}', not '{FLOW}'"),
+            (modes.client(), CHAT, flipped(first.id), "not found"),
+            (modes.client(), CHAT, "resp_123", "not found"),
+            (modes.client(), CHAT, "resp_" + "A" * 200, "not found")]:
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.responses.create(model=model, input="more", previous_response_id=response_id)
+        assert words in caught.value.message and caught.value.param == "previous_response_id"
+        assert caught.value.code == "previous_response_not_found"
+    assert len(modes.chat_bodies()) == asked, "nothing reached Dify"
+
+
+def test_previous_response_id_of_an_app_without_conversations(modes):
+    first = modes.client().responses.create(model=WRITER, input="hi")
+    with pytest.raises(openai.BadRequestError) as caught:
+        modes.client().responses.create(model=WRITER, input="more", previous_response_id=first.id)
+    assert "keeps no conversation" in caught.value.message and "completion" in caught.value.message
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_previous_response_id_whose_conversation_is_gone(harness, stream):
+    first = harness.client().responses.create(model=CHAT, input="hi")
+    (conversation_id,) = harness.dify.conversations
+    harness.loop.call(harness.dify.delete_conversation, conversation_id)
+    status, _, body = post(harness, {"input": "more", "previous_response_id": first.id, "stream": stream})
+    error = json.loads(body)["error"]
+    assert status == 404 and error["code"] == "conversation_not_found" and "no longer exists" in error["message"]
+    assert error["param"] == "previous_response_id"
+
+
+# --- GET /v1/responses/{id} -------------------------------------------------------------------------
+
+def test_get_a_response_back_from_difys_history(harness):
+    harness.dify.script(harness.key_of(CHAT), Text("Bonjour ", "Bob"), End())
+    first = harness.client().responses.create(model=CHAT, input="hi", user="bob")
+    harness.client().responses.create(model=CHAT, input="more", previous_response_id=first.id)
+    again = harness.client().responses.retrieve(first.id)
+    assert again.id == first.id and again.output_text == "Bonjour Bob" and again.status == "completed"
+    status, _, body = harness.raw("GET", f"/v1/responses/{first.id}")
+    check_response(json.loads(body))
+    for key, response_id in [(OTHER_CLIENT_KEY, first.id), (CLIENT_KEY, flipped(first.id)), (CLIENT_KEY, "nope")]:
+        status, _, body = harness.raw("GET", f"/v1/responses/{response_id}", key=key)
+        assert status == 404 and "No response with id" in json.loads(body)["error"]["message"]
+
+
+def test_get_a_response_whose_history_dify_does_not_keep(modes):
+    made = modes.client().responses.create(model=PIPELINE, input="hi")
+    with pytest.raises(openai.NotFoundError) as caught:
+        modes.client().responses.retrieve(made.id)
+    assert "keeps no history" in caught.value.message
+    chat = modes.client().responses.create(model=CHAT, input="hi")
+    (conversation_id,) = modes.dify.conversations
+    modes.loop.call(modes.dify.delete_conversation, conversation_id)
+    with pytest.raises(openai.NotFoundError) as caught:
+        modes.client().responses.retrieve(chat.id)
+    assert "no longer exists" in caught.value.message
+
+
+# --- captured client requests, replayed -------------------------------------------------------------
+
+def captured(name):
+    with open(os.path.join(os.path.dirname(__file__), "data", name)) as lines:
+        return [json.loads(line) for line in lines]
+
+
+def test_codex_requests_replayed(harness):
+    """Codex CLI 0.171.0's two requests of a tool loop (captured from `codex exec` against this proxy):
+    developer messages, web_search and namespace tools, store: false, reasoning, client_metadata."""
+    first, second = captured("codex-0.171.0-requests.jsonl")
+    harness.dify.script(harness.key_of(CHAT), Text("I will run it. ", EXEC_CALL), End())
+    events = sse(post(harness, {**first, "model": CHAT})[2])
+    (call,) = [e["item"] for e in events if e["type"] == "response.output_item.done"
+               and e["item"]["type"] == "function_call"]
+    assert call["name"] == "exec_command" and json.loads(call["arguments"]) == {"cmd": "echo codex-was-here"}
+    query = harness.chat_bodies()[-1]["query"]
+    assert query.startswith("<system>\nYou are a coding agent running in the Codex CLI")
+    assert "<skills_instructions>" in query.split("</system>")[0], "both developer messages are system text"
+    assert "- exec_command(cmd: string" in query and "multi_agent_v1" not in query
+    events = sse(post(harness, {**second, "model": CHAT})[2])
+    assert events[-1]["type"] == "response.completed"
+    query = harness.chat_bodies()[-1]["query"]
+    call_at = query.index('<tool_call>\n{"id": "call_mZXHgC02zuSOhPM5DF7L1W7c", "name": "exec_command"')
+    result_at = query.index('<tool_result id="call_mZXHgC02zuSOhPM5DF7L1W7c" name="exec_command">')
+    assert query.index("I will run it.") < call_at < result_at and "codex-was-here" in query[result_at:]
+
+
+def test_agents_sdk_requests_replayed(harness):
+    """The OpenAI Agents SDK 0.24.0's two requests of a tool loop (its default Responses model, captured):
+    `instructions`, strict function tools, the call and its output resent as items."""
+    first, second = captured("openai-agents-0.24.0-requests.jsonl")
+    harness.dify.script(harness.key_of(CHAT), Text(CALL), End())
+    response = check_response(json.loads(post(harness, first)[2]))
+    assert response["output"][-1]["type"] == "function_call" and response["instructions"] == "Help with the weather."
+    assert response["tools"][0]["name"] == "get_weather" and response["tools"][0]["strict"] is True
+    post(harness, second)
+    query = harness.chat_bodies()[-1]["query"]
+    assert query.startswith("<system>\nHelp with the weather.\n</system>\n\n<history>\n<user>\nWeather in Paris?")
+    assert query.index('"id": "call_IDR7oJc4hTfCjgN5TWLV9Avu", "name": "get_weather"') < query.index(
+        '<tool_result id="call_IDR7oJc4hTfCjgN5TWLV9Avu" name="get_weather">\n18 C and sunny in Paris\n</tool_result>')
