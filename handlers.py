@@ -315,8 +315,8 @@ def log_request(handler):
                   if tokens else "")
     error = getattr(handler, "error_code", None)
     level = logging.INFO if status < 500 else logging.WARNING
-    if getattr(handler, "probe", False) and status < 400:
-        level = logging.DEBUG  # load balancers ask every few seconds
+    if getattr(handler, "probe", False) and status in (200, 503):
+        level = logging.DEBUG  # load balancers ask every few seconds; "not ready" is an answer, not a failure
     metrics.request_done(model_label(handler, model), endpoint_label(handler), status, duration / 1000, tokens)
     access_log.log(level, "%s %s %s %d %.1fms%s%s%s", getattr(handler, "request_id", "-"), handler.request.method,
                    handler.request.path, status, duration, f" model={model!r}" if model else "", token_text,
