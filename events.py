@@ -192,7 +192,7 @@ def describe_arguments(arguments):
 
 
 def _label(name, labels):
-    label = (labels or {}).get(name)
+    label = _object(labels).get(name)
     if isinstance(label, dict):
         label = label.get("en_US") or next((v for v in label.values() if isinstance(v, str) and v), None)
     return label if isinstance(label, str) and label else name
@@ -272,11 +272,19 @@ def render_outputs(outputs, base=""):
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
 
 
+def _object(value):
+    """A JSON object field of an event, or an empty one when Dify sent anything else there."""
+    return value if value.__class__ is dict else {}
+
+
 def _error_status(value):
     """The HTTP status an error event reports; Dify 0.11 sends none, and anything that is not a
     status is taken as a server error."""
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value)
+    if value.__class__ is str:
+        try:
+            value = int(value)
+        except ValueError:
+            return 500
     if value.__class__ is int and 400 <= value <= 599:
         return value
     return 500
@@ -372,7 +380,8 @@ class AnswerTranslator:
     # Events.
 
     def _message_end(self, event):
-        self.usage = (event.get("metadata") or {}).get("usage") or None
+        usage = _object(_object(event.get("metadata")).get("usage"))
+        self.usage = usage or None
         self.done = True
         return self._flush()
 
@@ -380,7 +389,8 @@ class AnswerTranslator:
         self.replaced = True
         if self._splitter is not None:
             self._splitter = ThinkSplitter()
-        return ((REPLACE, event.get("answer") or ""),)
+        answer = event.get("answer")
+        return ((REPLACE, answer if answer.__class__ is str else ""),)
 
     def _agent_thought(self, event):
         """One agent round, re-sent as it progresses: only what is new is shown, and a thought
@@ -431,7 +441,7 @@ class AnswerTranslator:
         return self._reasoning(text, "reasoning_chunk") if text else ()
 
     def _node_started(self, event):
-        data = event.get("data") or {}
+        data = _object(event.get("data"))
         if (self.workflow_progress != "reasoning" or data.get("node_type") == "start"
                 or data.get("iteration_id") or data.get("loop_id")):
             return ()
@@ -440,7 +450,7 @@ class AnswerTranslator:
                                "progress")
 
     def _node_finished(self, event):
-        data = event.get("data") or {}
+        data = _object(event.get("data"))
         if (self.workflow_progress != "reasoning" or data.get("status") not in ("failed", "exception")
                 or data.get("iteration_id") or data.get("loop_id")):
             return ()
@@ -448,7 +458,7 @@ class AnswerTranslator:
                                f"{summarise(data.get('error') or 'no detail', _OBSERVATION_LIMIT)}")
 
     def _workflow_finished(self, event):
-        data = event.get("data") or {}
+        data = _object(event.get("data"))
         if data.get("status") == "failed":
             self.failure = run_failed(self.model, data.get("error"))
             raise self.failure
@@ -539,7 +549,7 @@ class WorkflowTranslator(AnswerTranslator):
 
     def feed(self, event):
         if event.get("event") == "text_chunk":
-            data = event.get("data") or {}
+            data = _object(event.get("data"))
             text = data.get("text")
             if isinstance(text, str) and text:
                 self._streamed = True
@@ -549,7 +559,7 @@ class WorkflowTranslator(AnswerTranslator):
 
     def _workflow_finished(self, event):
         super()._workflow_finished(event)
-        data = event.get("data") or {}
+        data = _object(event.get("data"))
         pieces = list(self._flush())
         if not self._streamed:
             answer = render_outputs(data.get("outputs"), self.files_base)

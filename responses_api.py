@@ -21,7 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
-from errors import APIError, bad_request
+from errors import bad_request
 from openai_api import ChatRequest, ChunkEncoder, json_string
 from output_format import format_instructions
 

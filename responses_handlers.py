@@ -6,25 +6,23 @@ a response id carries the conversation instead, see responses_ids.py); only pars
 encoding are the Responses API's own (responses_api.py).
 """
 
-import logging
 import time
 from urllib.parse import urlencode
 
 from tornado.web import stream_request_body
 
 from apps import CHAT_FAMILY
-from completions import Completion, dify_user, estimate_tokens
+from completions import Answer, Completion, dify_user, estimate_tokens
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_unreachable
+from events import translator_for
 from handlers import BaseHandler, ChatCompletionsHandler, model_not_found
 from memory import Binding
 from openai_api import parse_body
-from responses_api import (ResponseEventEncoder, answer_output, ending, message_item_object, new_item_id,
-                           parse_responses_request, response_echo, response_object)
+from responses_api import (ResponseEventEncoder, answer_output, ending, parse_responses_request, response_echo,
+                           response_object)
 from responses_ids import make_response_id, read_response_id
 from streaming import EventStreamResponse
-
-log = logging.getLogger("opendify.responses")
 
 HISTORY_PAGE = 100  # the most messages one Dify GET /messages returns: how far back GET /v1/responses/{id} reaches
 
@@ -36,6 +34,7 @@ class ResponsesHandler(ChatCompletionsHandler):
     response_id = None
 
     async def answer(self):
+        """The chat handler's `post` runs this and owns the run's lifetime (departures, the final close)."""
         request = parse_responses_request(parse_body(self.request.body))
         self.model = request.model
         self.created_at = int(time.time())
@@ -51,6 +50,8 @@ class ResponsesHandler(ChatCompletionsHandler):
         self.completion = Completion(self.proxy.dify, self.app, chat, dify_user(self.client, chat.user),
                                      self.proxy.settings, binding, self.proxy.uploads, marks=False,
                                      conversations=self.proxy.conversations)
+        if self.departed:
+            self.completion.cancel()
         try:
             await self.completion.start()
             if request.stream:
@@ -147,9 +148,16 @@ class ResponseHandler(BaseHandler):
         query_text = row.get("query") if isinstance(row.get("query"), str) else ""
         usage = {"prompt_tokens": estimate_tokens(len(query_text)), "completion_tokens": estimate_tokens(len(text))}
         created = row.get("created_at") if isinstance(row.get("created_at"), int) else int(time.time())
-        output = [message_item_object(new_item_id("msg_"), text)]
-        self.write_json(response_object(response_id, created, app.model_id, response_echo({}, None), output,
-                                        "completed", usage))
+        self.write_json(response_object(response_id, created, app.model_id, response_echo({}, None),
+                                        answer_output(self.stored_answer(app, text)), "completed", usage))
+
+    def stored_answer(self, app, text):
+        """An answer as Dify stored it, read by the app's translator: thinking becomes reasoning again."""
+        translator = translator_for(app.mode, app.model_id, self.proxy.settings)
+        answer = Answer()
+        answer.add(translator.feed({"event": "message", "answer": text}))
+        answer.add(translator.feed({"event": "message_end", "metadata": {}}))
+        return answer
 
     def owner(self, response_id):
         """(app, ResponseRef) of an id this client's key made, else a 404."""

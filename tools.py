@@ -1169,9 +1169,40 @@ class ToolCallParser:
         self._line_start = line_start if k == 0 else env[k - 1] == "\n"
         return env[k:]
 
+    # The open envelope grows by every piece of a call's text, which may be long (a file written by
+    # a tool): it is kept in parts and joined only when read whole, and each piece is searched for
+    # the envelope's end in a window of its own size, so a long call costs what its length costs.
+
+    @property
+    def _env(self):
+        if len(self._env_parts) != 1:
+            self._env_parts = ["".join(self._env_parts)]
+        return self._env_parts[0]
+
+    @_env.setter
+    def _env(self, text):
+        self._env_parts = [text]
+        self._env_length = len(text)
+
+    def _grow(self, text):
+        self._env_parts.append(text)
+        self._env_length += len(text)
+
+    def _env_from(self, start):
+        """The envelope's text from `start` on, read from its last parts."""
+        need = self._env_length - start
+        tail, size = [], 0
+        for part in reversed(self._env_parts):
+            tail.append(part)
+            size += len(part)
+            if size >= need:
+                break
+        text = "".join(reversed(tail))
+        return text[len(text) - need:]
+
     def _scan_tag(self, text):
-        start = max(self._env_open, len(self._env) - 24)
-        self._env += text
+        start = max(self._env_open, self._env_length - 24)
+        self._grow(text)
         if not self._checked:
             body = self._env[self._env_open:]
             visible = body.lstrip()
@@ -1180,10 +1211,10 @@ class ToolCallParser:
             if visible[0] not in "{[<`":
                 return self._not_a_call(len(self._env) - len(visible), False)
             self._checked = True
-        m = _TAG_END.search(self._env, start)
-        if m is None:
+        if _TAG_END.search(self._env_from(start)) is None:
             return None
         env = self._env
+        m = _TAG_END.search(env, start)
         closing = m.group().startswith("</")
         consumed = m.end() if closing else m.start()
         body = env[self._env_open:m.start()]
@@ -1197,8 +1228,8 @@ class ToolCallParser:
         return env[consumed:]
 
     def _scan_fence(self, text):
-        start = max(self._env_open - 1, len(self._env) - 24)
-        self._env += text
+        start = max(self._env_open - 1, self._env_length - 24)
+        self._grow(text)
         if not self._checked:
             visible = self._env[self._env_open:].lstrip()
             if not visible:
@@ -1217,10 +1248,10 @@ class ToolCallParser:
                 self._in_code = True
                 return self._not_a_call(len(self._env) - len(visible), True)
             self._checked = True
-        m = _FENCE_CLOSE.search(self._env, start)
-        if m is None:
+        if _FENCE_CLOSE.search(self._env_from(start)) is None:
             return None
         env = self._env
+        m = _FENCE_CLOSE.search(env, start)
         self._mode, self._env = _TEXT, ""
         self._resolve(env[self._env_open:m.start()], env[:m.end()], True)
         self._line_start = True

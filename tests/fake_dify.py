@@ -363,7 +363,6 @@ def versioned_parameters(mode: str, style: str) -> dict:
     if mode not in WORKER_MODES:
         parameters["file_upload"] = {"image": {**image, "detail": "low", "transfer_methods": ["local_file", "remote_url"]}}
         parameters["text_to_speech"] = {"enabled": False}
-        parameters["user_input_form"] = [item for item in parameters["user_input_form"] if "file" not in item]
         return parameters
     upload["allowed_file_extensions"] = [".JPG", ".JPEG", ".PNG", ".GIF", ".WEBP", ".SVG"]
     upload["allowed_upload_methods"] = list(upload["allowed_file_upload_methods"])
@@ -1292,7 +1291,8 @@ class _DifyHandler(RequestHandler):
         return data["inputs"], mode == "streaming"
 
     def _check_inputs(self, app: FakeApp, inputs: dict) -> None:
-        """The required/option checks of BaseAppGenerator._validate_inputs."""
+        """The required/type/length/option checks of BaseAppGenerator._validate_inputs (texts as both
+        real servers word them, captures strict_required_input.txt)."""
         for item in self.fake.parameters_of(app).get("user_input_form") or []:
             if not isinstance(item, dict) or not item:
                 continue
@@ -1305,6 +1305,11 @@ class _DifyHandler(RequestHandler):
                 if spec.get("required"):
                     raise _invalid_param(f"{var} is required in input form")
                 continue
+            if kind in ("text-input", "paragraph", "select") and not isinstance(value, str):
+                raise _invalid_param(f"(type '{kind}') {var} in input form must be a string")
+            max_length = spec.get("max_length")
+            if kind in ("text-input", "paragraph") and isinstance(max_length, int) and len(value) > max_length:
+                raise _invalid_param(f"{var} in input form must be less than {max_length} characters")
             if kind == "select" and spec.get("options") and value not in spec["options"]:
                 raise _invalid_param(f"{var} in input form must be one of the following: {spec['options']}")
 

@@ -6,6 +6,7 @@ error ending with `[DONE]`, and a Dify run nobody will read is stopped.
 """
 
 import asyncio
+import os
 import base64
 import json
 import socket
@@ -19,6 +20,7 @@ from apps import App
 from completions import Completion
 from events import AnswerTranslator
 from fake_dify import Drop, End, ErrorEvent, Event, Hang, Ping, Raw, Sleep, Start, Text
+import tools
 from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
 from test_files import png
@@ -28,11 +30,11 @@ FLOW = "Flow Bot"
 MODE2 = {"CONVERSATION_MEMORY_MODE": "2"}
 
 
-def send_request(harness, body, extra=b""):
-    """A raw client connection that has sent one chat request (and maybe bytes after it)."""
+def send_request(harness, body, extra=b"", path="/v1/chat/completions"):
+    """A raw client connection that has sent one request (and maybe bytes after it)."""
     connection = socket.create_connection(("127.0.0.1", harness.port))
     data = json.dumps(body)
-    connection.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+    connection.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
                         f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n{data}").encode()
                        + extra)
     return connection
@@ -61,6 +63,18 @@ def test_a_client_that_leaves_while_dify_is_silent_is_noticed_at_once(make_harne
     assert wait_for(lambda: harness.dify.stops, timeout=5.0)
     assert time.monotonic() - left_at < 1.0
     assert harness.dify.stops[0][0] == "chat"
+    assert wait_for(lambda: harness.dify.active_streams == 0)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_responses_client_that_leaves_while_dify_is_silent_stops_the_run(make_harness, stream):
+    harness = make_harness(ping_interval=0)
+    harness.dify.script(harness.key_of(FLOW), Start(), Sleep(25), End())
+    connection = send_request(harness, {"model": FLOW, "input": "x", "stream": stream}, b"\r\n", "/v1/responses")
+    assert wait_for(lambda: harness.dify.active_streams == 1 and harness.dify.requests_to("/chat-messages"))
+    left_at = leave(connection)
+    assert wait_for(lambda: harness.dify.stops, timeout=5.0)
+    assert time.monotonic() - left_at < 1.0
     assert wait_for(lambda: harness.dify.active_streams == 0)
 
 
@@ -169,7 +183,7 @@ _STEP = st.one_of(_EVENT, _ERROR_EVENT, st.builds(Text, st.text(max_size=6)), st
 _ENDING = st.sampled_from([[], [End()], [ErrorEvent()], [Drop(delay=0)]])
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=int(os.environ.get("LIFETIME_EXAMPLES", "100")), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(model=st.sampled_from(["Chat Bot", "Agent Bot", "Flow Bot"]), steps=st.lists(_STEP, max_size=6),
        ending=_ENDING, stream=st.booleans())
 def test_any_event_order_ends_in_an_answer_or_a_clear_error(harness, model, steps, ending, stream):
@@ -312,3 +326,24 @@ def test_a_50000_event_burst_is_translated_a_slice_at_a_time_so_the_loop_stays_f
     answer, longest = asyncio.run(run())
     assert answer.message()["content"] == "tok " * 50_000
     assert longest < 0.1, f"the loop was held for {longest:.3f} s"
+
+
+def parse_answer(pieces):
+    request = tools.tool_request({"tools": [{"type": "function", "function": {
+        "name": "write", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]})
+    parser = tools.ToolCallParser(request)
+    started = time.process_time()
+    out = []
+    for piece in pieces:
+        out += parser.feed(piece)
+    out += parser.finish()
+    return time.process_time() - started, out
+
+
+def test_an_800_kb_tool_call_costs_what_800_kb_of_text_costs():
+    body = ["abcdefghij0123456789"] * 40_000
+    text_time, _ = parse_answer(body)
+    call_time, out = parse_answer(['<tool_call>{"name": "write", "arguments": {"text": "', *body, '"}}</tool_call>'])
+    assert [kind for kind, _ in out] == ["tool_call"]
+    assert json.loads(out[0][1]["arguments"])["text"] == "".join(body)
+    assert call_time < 5 * text_time + 0.1, (call_time, text_time)

@@ -172,3 +172,20 @@ def test_an_answer_ends_at_difys_terminal_event_not_at_its_late_end_of_response(
         "model": FLOW, "stream": stream, "messages": [{"role": "user", "content": "hi"}]})
     assert status == 200 and time.monotonic() - started < 1.5
     assert (sse_events(body)[-1] == "[DONE]") if stream else json.loads(body)["choices"][0]["message"]["content"]
+
+
+# --- inputs Dify 1.13 checks only in its worker (R1) -------------------------------------------
+
+@pytest.mark.real_difies
+@pytest.mark.parametrize("inputs, says", [({}, "needs the input"), ({"lang": 5}, "must be"),
+                                          ({"lang": "x" * 49}, "at most 48")])
+def test_inputs_a_chatflow_would_refuse_in_silence_are_refused_at_once(make_harness, inputs, says):
+    form = [{"text-input": {"label": "Language", "variable": "lang", "required": True, "max_length": 48}}]
+    harness = make_harness(apps=[FakeApp(key="app-strict0000000000000000000", name="Strict", mode="advanced-chat",
+                                         parameters={"user_input_form": form})])
+    started = time.monotonic()
+    with pytest.raises(openai.BadRequestError) as caught:
+        harness.client(timeout=10).chat.completions.create(
+            model="Strict", messages=[{"role": "user", "content": "x"}], stream=True, extra_body={"inputs": inputs})
+    assert says in caught.value.message and caught.value.param == "inputs.lang"
+    assert time.monotonic() - started < 2 and harness.chat_bodies() == []

@@ -4,6 +4,7 @@ every streamed event and response object validated against the OpenAI spec's own
 import base64
 import json
 import os
+import socket
 import struct
 import zlib
 
@@ -13,13 +14,17 @@ import pytest
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
-from fake_dify import End, Event, FakeApp, Text
-from support import CLIENT_KEY, OTHER_CLIENT_KEY
+from openai.types.responses import ResponseStreamEvent
+from pydantic import TypeAdapter
+
+from fake_dify import End, Event, FakeApp, Hang, Sleep, Text
+from support import CLIENT_KEY, OTHER_CLIENT_KEY, wait_for
 
 CHAT = "Chat Bot"
 PNG = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
        + struct.pack(">I", zlib.crc32(b"IHDR" + struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0))))
 SPEC = json.load(open(os.path.join(os.path.dirname(__file__), "data", "openai_responses_schemas.json")))
+SDK_EVENT = TypeAdapter(ResponseStreamEvent)
 _REGISTRY = Registry().with_resource("spec", Resource.from_contents(SPEC, default_specification=DRAFT202012))
 
 
@@ -43,9 +48,15 @@ def sse(body):
         name, data = lines[0][7:], json.loads(lines[1][6:])
         assert data["type"] == name
         validator(SPEC["events"][name]).validate(data)
+        assert SDK_EVENT.validate_python(data, strict=True).type == name, "the openai SDK's own event types"
         events.append(data)
     assert [e["sequence_number"] for e in events] == list(range(len(events)))
     return events
+
+
+def strict(harness, key=CLIENT_KEY):
+    """The openai SDK with strict response validation: every body must match the SDK's own types."""
+    return harness.client(key, _strict_response_validation=True)
 
 
 def post(harness, body, **kwargs):
@@ -53,7 +64,7 @@ def post(harness, body, **kwargs):
 
 
 def test_string_input_non_streaming(harness):
-    response = harness.client().responses.create(model=CHAT, input="Hello there")
+    response = strict(harness).responses.create(model=CHAT, input="Hello there")
     assert response.status == "completed" and response.output_text == "Echo: Hello there"
     assert response.id.startswith("resp_") and response.object == "response"
     assert harness.chat_bodies()[-1]["query"] == "Hello there"
@@ -81,7 +92,7 @@ def test_stream_events_in_order(harness):
 
 def test_sdk_stream_helper(harness):
     harness.dify.script(harness.key_of(CHAT), Text("Hel", "lo"), End())
-    with harness.client().responses.stream(model=CHAT, input="Hi") as stream:
+    with strict(harness).responses.stream(model=CHAT, input="Hi") as stream:
         deltas = [event.delta for event in stream if event.type == "response.output_text.delta"]
         final = stream.get_final_response()
     assert "".join(deltas) == "Hello" and final.output_text == "Hello"
@@ -103,7 +114,7 @@ def modes(make_harness):
 
 @pytest.mark.parametrize("model", [CHAT, AGENT, FLOW, WRITER, PIPELINE])
 def test_every_mode_streaming_and_not(modes, model):
-    response = modes.client().responses.create(model=model, input="Bonjour")
+    response = strict(modes).responses.create(model=model, input="Bonjour")
     assert response.output_text == "Echo: Bonjour" and response.status == "completed"
     assert response.usage.total_tokens == response.usage.input_tokens + response.usage.output_tokens > 0
     _, _, body = post(modes, {"model": model, "input": "Bonjour", "stream": True})
@@ -144,7 +155,7 @@ def test_agent_work_is_a_reasoning_item_streaming_and_not(modes):
 
 def test_think_tags_become_a_reasoning_item(harness):
     harness.dify.script(harness.key_of(CHAT), Text("<think>\nPonder", "ing.\n</think>\n\nHi!"), End())
-    response = harness.client().responses.create(model=CHAT, input="hi")
+    response = strict(harness).responses.create(model=CHAT, input="hi")
     assert [item.type for item in response.output] == ["reasoning", "message"]
     assert response.output[0].summary[0].text == "Pondering." and response.output_text == "Hi!"
 
@@ -152,7 +163,7 @@ def test_think_tags_become_a_reasoning_item(harness):
 # --- input items -----------------------------------------------------------------------------
 
 def test_items_roles_and_parts_reach_dify_folded(harness):
-    harness.client().responses.create(model=CHAT, instructions="Be terse.", input=[
+    strict(harness).responses.create(model=CHAT, instructions="Be terse.", input=[
         {"role": "developer", "content": "Answer in French."},
         {"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Hi"}]},
         {"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": "secret thoughts"}]},
@@ -167,7 +178,7 @@ def test_items_roles_and_parts_reach_dify_folded(harness):
 
 def test_input_image_by_url_reaches_dify_as_a_remote_file(harness):
     url = "https://images.example/cat.png"
-    harness.client().responses.create(model=CHAT, input=[{"role": "user", "content": [
+    strict(harness).responses.create(model=CHAT, input=[{"role": "user", "content": [
         {"type": "input_text", "text": "What is this?"}, {"type": "input_image", "image_url": url}]}])
     sent = harness.chat_bodies()[-1]
     assert sent["files"] == [{"type": "image", "transfer_method": "remote_url", "url": url}]
@@ -176,7 +187,7 @@ def test_input_image_by_url_reaches_dify_as_a_remote_file(harness):
 
 def test_input_file_is_uploaded_and_refusals_name_the_input_item(harness):
     data = "data:image/png;base64," + base64.b64encode(PNG).decode()
-    harness.client().responses.create(model=CHAT, input=[{"role": "user", "content": [
+    strict(harness).responses.create(model=CHAT, input=[{"role": "user", "content": [
         {"type": "input_text", "text": "Describe"}, {"type": "input_file", "filename": "cat.png", "file_data": data}]}])
     (upload,) = harness.dify.uploads.values()
     assert upload.data == PNG and upload.filename == "cat.png"
@@ -230,7 +241,7 @@ def test_auth_cors_and_unknown_model(harness):
     status, headers, _ = post(harness, {"input": "x"}, headers={"Origin": "https://ui.example"})
     assert status == 200 and headers["access-control-allow-origin"] == "*"
     with pytest.raises(openai.NotFoundError) as caught:
-        harness.client().responses.create(model="nope", input="x")
+        strict(harness).responses.create(model="nope", input="x")
     assert caught.value.code == "model_not_found"
     status, _, body = harness.raw("POST", "/v1/responses", b"{oops")
     assert status == 400 and json.loads(body)["error"]["code"] == "invalid_json"
@@ -241,19 +252,19 @@ def test_auth_cors_and_unknown_model(harness):
 def test_text_format_json_schema_is_asked_of_the_model(harness):
     schema = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
     harness.dify.script(harness.key_of(CHAT), Text('{"city": "Paris"}'), End())
-    response = harness.client().responses.create(model=CHAT, input="Capital of France?", text={
+    response = strict(harness).responses.create(model=CHAT, input="Capital of France?", text={
         "format": {"type": "json_schema", "name": "answer", "schema": schema, "strict": True}})
     query = harness.chat_bodies()[-1]["query"]
     assert query.startswith("Capital of France?\n\n") and "JSON Schema (answer)" in query
     assert json.dumps(schema, separators=(",", ":")) in query
     assert json.loads(response.output_text) == {"city": "Paris"}
     assert response.text.format.type == "json_schema"
-    harness.client().responses.create(model=CHAT, input="x", text={"format": {"type": "json_object"}})
+    strict(harness).responses.create(model=CHAT, input="x", text={"format": {"type": "json_object"}})
     assert "one valid JSON object" in harness.chat_bodies()[-1]["query"]
 
 
 def test_chat_response_format_is_asked_of_the_model_too(harness):
-    harness.client().chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x"}],
+    strict(harness).chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x"}],
                                              response_format={"type": "json_object"})
     assert harness.chat_bodies()[-1]["query"].endswith("no Markdown code fences.")
 
@@ -269,7 +280,7 @@ def test_failure_after_the_start_is_response_failed(modes):
     assert failed["status"] == "failed" and "LLM node timed out" in failed["error"]["message"]
     assert failed["output"][0]["content"][0]["text"] == "Partial "
     modes.dify.script(modes.key_of(FLOW), Text("Partial "), End(status="failed", error="LLM node timed out"))
-    with modes.client().responses.stream(model=FLOW, input="x") as stream:
+    with strict(modes).responses.stream(model=FLOW, input="x") as stream:
         seen = [event for event in stream]
     assert seen[-1].type == "response.failed" and "LLM node timed out" in seen[-1].response.error.message
 
@@ -294,7 +305,7 @@ EXEC_CALL = '<tool_call>\n{"name": "exec_command", "arguments": {"cmd": "echo co
 
 
 def test_function_tools_are_offered_and_other_types_left_out(harness):
-    harness.client().responses.create(model=CHAT, input="Weather?", tools=[WEATHER, *CODEX_EXTRAS],
+    strict(harness).responses.create(model=CHAT, input="Weather?", tools=[WEATHER, *CODEX_EXTRAS],
                                       tool_choice="auto")
     query = harness.chat_bodies()[-1]["query"]
     assert query.startswith("Weather?\n\n# Tools") and "- get_weather(city: string)" in query
@@ -305,24 +316,24 @@ def test_function_tools_are_offered_and_other_types_left_out(harness):
                                     {"type": "mcp", "server_label": "x"}])
 def test_forcing_a_tool_that_is_not_a_function_is_a_400_naming_it(harness, choice):
     with pytest.raises(openai.BadRequestError) as caught:
-        harness.client().responses.create(model=CHAT, input="x", tools=[WEATHER, *CODEX_EXTRAS], tool_choice=choice)
+        strict(harness).responses.create(model=CHAT, input="x", tools=[WEATHER, *CODEX_EXTRAS], tool_choice=choice)
     assert f"'{choice['type']}' tool" in caught.value.message and caught.value.param == "tool_choice"
     assert not harness.chat_bodies()
 
 
 def test_forced_function_and_parallel_calls_reach_the_instructions(harness):
-    harness.client().responses.create(model=CHAT, input="x", tools=[WEATHER], parallel_tool_calls=False,
+    strict(harness).responses.create(model=CHAT, input="x", tools=[WEATHER], parallel_tool_calls=False,
                                       tool_choice={"type": "function", "name": "get_weather"})
     query = harness.chat_bodies()[-1]["query"]
     assert 'You must call the tool "get_weather"' in query and "at most one tool per reply" in query
     with pytest.raises(openai.BadRequestError):
-        harness.client().responses.create(model=CHAT, input="x", tools=[WEATHER],
+        strict(harness).responses.create(model=CHAT, input="x", tools=[WEATHER],
                                           tool_choice={"type": "function", "name": "nope"})
 
 
 def test_function_call_item_non_streaming(harness):
     harness.dify.script(harness.key_of(CHAT), Text("Checking. ", CALL[:15], CALL[15:]), End())
-    response = harness.client().responses.create(model=CHAT, input="Weather in Paris?", tools=[WEATHER])
+    response = strict(harness).responses.create(model=CHAT, input="Weather in Paris?", tools=[WEATHER])
     check_response(response.model_dump(mode="json", exclude_unset=True))
     message, call = response.output
     assert message.type == "message" and response.output_text.strip() == "Checking."
@@ -354,10 +365,10 @@ def history_with_call(call_id):
 def test_resent_history_tool_loop_in_both_memory_modes(make_harness, memory_mode):
     harness = make_harness(env={"CONVERSATION_MEMORY_MODE": memory_mode})
     harness.dify.script(harness.key_of(CHAT), Text(CALL), End())
-    first = harness.client().responses.create(model=CHAT, input="Weather in Paris?", tools=[WEATHER], store=False)
+    first = strict(harness).responses.create(model=CHAT, input="Weather in Paris?", tools=[WEATHER], store=False)
     call = first.output[-1]
     assert "\u2060" not in json.dumps(first.model_dump()), "no conversation marks in the Responses API"
-    harness.client().responses.create(model=CHAT, input=history_with_call(call.call_id), tools=[WEATHER],
+    strict(harness).responses.create(model=CHAT, input=history_with_call(call.call_id), tools=[WEATHER],
                                       store=False)
     sent = harness.chat_bodies()[-1]
     assert sent["conversation_id"] == "", "store: false works as memory mode 1"
@@ -374,7 +385,7 @@ def test_resent_history_tool_loop_in_both_memory_modes(make_harness, memory_mode
 def test_previous_response_id_continues_the_dify_conversation(make_harness, memory_mode, stream):
     harness = make_harness(env={"CONVERSATION_MEMORY_MODE": memory_mode})
     harness.dify.script(harness.key_of(CHAT), Text(CALL), End())
-    client = harness.client()
+    client = strict(harness)
     if stream:
         with client.responses.stream(model=CHAT, input="Weather in Paris?", tools=[WEATHER], user="bob") as events:
             first = events.get_final_response()
@@ -400,14 +411,14 @@ def flipped(response_id):
 
 
 def test_previous_response_id_of_another_client_app_or_forged_is_refused(modes):
-    first = modes.client().responses.create(model=CHAT, input="hi")
+    first = strict(modes).responses.create(model=CHAT, input="hi")
     asked = len(modes.chat_bodies())
     for client, model, response_id, words in [
-            (modes.client(OTHER_CLIENT_KEY), CHAT, first.id, "not found"),
-            (modes.client(), FLOW, first.id, f"is a response of model '{CHAT}', not '{FLOW}'"),
-            (modes.client(), CHAT, flipped(first.id), "not found"),
-            (modes.client(), CHAT, "resp_123", "not found"),
-            (modes.client(), CHAT, "resp_" + "A" * 200, "not found")]:
+            (strict(modes, OTHER_CLIENT_KEY), CHAT, first.id, "not found"),
+            (strict(modes), FLOW, first.id, f"is a response of model '{CHAT}', not '{FLOW}'"),
+            (strict(modes), CHAT, flipped(first.id), "not found"),
+            (strict(modes), CHAT, "resp_123", "not found"),
+            (strict(modes), CHAT, "resp_" + "A" * 200, "not found")]:
         with pytest.raises(openai.BadRequestError) as caught:
             client.responses.create(model=model, input="more", previous_response_id=response_id)
         assert words in caught.value.message and caught.value.param == "previous_response_id"
@@ -416,15 +427,15 @@ def test_previous_response_id_of_another_client_app_or_forged_is_refused(modes):
 
 
 def test_previous_response_id_of_an_app_without_conversations(modes):
-    first = modes.client().responses.create(model=WRITER, input="hi")
+    first = strict(modes).responses.create(model=WRITER, input="hi")
     with pytest.raises(openai.BadRequestError) as caught:
-        modes.client().responses.create(model=WRITER, input="more", previous_response_id=first.id)
+        strict(modes).responses.create(model=WRITER, input="more", previous_response_id=first.id)
     assert "keeps no conversation" in caught.value.message and "completion" in caught.value.message
 
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_previous_response_id_whose_conversation_is_gone(harness, stream):
-    first = harness.client().responses.create(model=CHAT, input="hi")
+    first = strict(harness).responses.create(model=CHAT, input="hi")
     (conversation_id,) = harness.dify.conversations
     harness.loop.call(harness.dify.delete_conversation, conversation_id)
     status, _, body = post(harness, {"input": "more", "previous_response_id": first.id, "stream": stream})
@@ -436,11 +447,13 @@ def test_previous_response_id_whose_conversation_is_gone(harness, stream):
 # --- GET /v1/responses/{id} -------------------------------------------------------------------------
 
 def test_get_a_response_back_from_difys_history(harness):
-    harness.dify.script(harness.key_of(CHAT), Text("Bonjour ", "Bob"), End())
-    first = harness.client().responses.create(model=CHAT, input="hi", user="bob")
-    harness.client().responses.create(model=CHAT, input="more", previous_response_id=first.id)
-    again = harness.client().responses.retrieve(first.id)
+    harness.dify.script(harness.key_of(CHAT), Text("<think>Greet him.</think>", "Bonjour ", "Bob"), End())
+    first = strict(harness).responses.create(model=CHAT, input="hi", user="bob")
+    strict(harness).responses.create(model=CHAT, input="more", previous_response_id=first.id)
+    again = strict(harness).responses.retrieve(first.id)
     assert again.id == first.id and again.output_text == "Bonjour Bob" and again.status == "completed"
+    assert [item.type for item in again.output] == ["reasoning", "message"]
+    assert again.output[0].summary[0].text == "Greet him."
     status, _, body = harness.raw("GET", f"/v1/responses/{first.id}")
     check_response(json.loads(body))
     for key, response_id in [(OTHER_CLIENT_KEY, first.id), (CLIENT_KEY, flipped(first.id)), (CLIENT_KEY, "nope")]:
@@ -449,15 +462,15 @@ def test_get_a_response_back_from_difys_history(harness):
 
 
 def test_get_a_response_whose_history_dify_does_not_keep(modes):
-    made = modes.client().responses.create(model=PIPELINE, input="hi")
+    made = strict(modes).responses.create(model=PIPELINE, input="hi")
     with pytest.raises(openai.NotFoundError) as caught:
-        modes.client().responses.retrieve(made.id)
+        strict(modes).responses.retrieve(made.id)
     assert "keeps no history" in caught.value.message
-    chat = modes.client().responses.create(model=CHAT, input="hi")
+    chat = strict(modes).responses.create(model=CHAT, input="hi")
     (conversation_id,) = modes.dify.conversations
     modes.loop.call(modes.dify.delete_conversation, conversation_id)
     with pytest.raises(openai.NotFoundError) as caught:
-        modes.client().responses.retrieve(chat.id)
+        strict(modes).responses.retrieve(chat.id)
     assert "no longer exists" in caught.value.message
 
 
@@ -502,3 +515,41 @@ def test_agents_sdk_requests_replayed(harness):
     assert query.startswith("<system>\nHelp with the weather.\n</system>\n\n<history>\n<user>\nWeather in Paris?")
     assert query.index('"id": "call_IDR7oJc4hTfCjgN5TWLV9Avu", "name": "get_weather"') < query.index(
         '<tool_result id="call_IDR7oJc4hTfCjgN5TWLV9Avu" name="get_weather">\n18 C and sunny in Paris\n</tool_result>')
+
+
+# --- the relay: keep-alives, smoothing, a client that leaves ------------------------------------------
+
+def test_keep_alives_and_a_timeout_after_the_start(make_harness):
+    harness = make_harness(env={"DIFY_IDLE_TIMEOUT": "0.5", "KEEPALIVE_INTERVAL": "0.1"}, ping_interval=0.1)
+    harness.dify.script(harness.key_of(CHAT), Text("slow"), Sleep(1.0), Text(" but fine"), End())
+    _, _, body = post(harness, {"input": "x", "stream": True})
+    events = sse(body)
+    assert ": keep-alive" in body.decode() and events[-1]["type"] == "response.completed"
+    assert events[-1]["response"]["output"][0]["content"][0]["text"] == "slow but fine"
+    harness = make_harness(env={"DIFY_IDLE_TIMEOUT": "0.4", "KEEPALIVE_INTERVAL": "0.1"}, ping_interval=60)
+    harness.dify.script(harness.key_of(CHAT), Text("thinking"), Hang())
+    events = sse(post(harness, {"input": "x", "stream": True})[2])
+    assert events[-1]["type"] == "response.failed" and "sent nothing" in events[-1]["response"]["error"]["message"]
+
+
+def test_a_burst_is_paced_like_chat(harness):
+    harness.dify.script(harness.key_of(CHAT), Text("word " * 150), End())
+    _, _, body = post(harness, {"input": "x", "stream": True})
+    deltas = [e["delta"] for e in sse(body) if e["type"] == "response.output_text.delta"]
+    assert "".join(deltas) == "word " * 150 and len(deltas) > 3, "one 750-character burst spread over frames"
+
+
+def test_a_client_that_leaves_stops_the_dify_task(harness):
+    harness.dify.script(harness.key_of(CHAT), Text("first words"), Hang())
+    with socket.create_connection(("127.0.0.1", harness.port)) as conn:
+        body = json.dumps({"model": CHAT, "stream": True, "input": "x"})
+        conn.sendall((f"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+        conn.settimeout(5)
+        received = b""
+        while b"first words" not in received:
+            data = conn.recv(65536)
+            assert data, received
+            received += data
+    assert wait_for(lambda: harness.dify.stops, timeout=3.0)
+    assert harness.dify.stops[0][0] == "chat" and wait_for(lambda: harness.dify.active_streams == 0)

@@ -2,7 +2,6 @@
 (Responses) model running a tool loop, and Codex CLI (`codex exec`) answering a prompt."""
 
 import asyncio
-import json
 import os
 import shutil
 import subprocess
