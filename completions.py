@@ -19,7 +19,7 @@ import tools
 from apps import CHAT_FAMILY
 from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
-from errors import APIError, bad_request, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
@@ -532,6 +532,8 @@ class Completion:
             return upstream_unreachable(model, failure.detail)
         if failure.kind == "timeout":
             return upstream_timeout(model, self.dify.idle_timeout)
+        if failure.kind == "busy":
+            return dify_busy(self.dify.max_connections, failure.detail)
         if failure.kind == "malformed":
             return upstream_broken(model, failure.detail)
         return upstream_broken(model, "closed the connection before the answer was complete")

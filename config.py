@@ -28,6 +28,8 @@ class Settings:
     dify_connect_timeout: float = 10.0
     dify_idle_timeout: float = 90.0
     dify_max_connections: int = 1000
+    dify_proxy: str = field(default="", repr=False)
+    dify_no_proxy: str = None
     keepalive_interval: float = 10.0
     model_refresh_interval: float = 300.0
     cors_origins: tuple = ("*",)
@@ -102,6 +104,7 @@ def _tools_by_model(env):
     return tuple(pairs)
 
 
+<<<<<<< HEAD
 def _workers(env):
     """WORKERS: a number of processes, or `auto` for one per CPU."""
     raw = env.get("WORKERS", "").strip().lower()
@@ -110,6 +113,30 @@ def _workers(env):
     if raw and not raw.isdigit():
         raise ConfigError(f"WORKERS={raw!r} is not a number: set it to a number of processes (1 to 256) or auto")
     return _number(env, "WORKERS", 1, int, 1, 256)
+=======
+_PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
+
+
+def _egress_proxy(env, dify_scheme):
+    """(proxy URL or "", NO_PROXY or None) for requests to Dify, read as curl and most tools read
+    them: HTTPS_PROXY for an https Dify, HTTP_PROXY for http, ALL_PROXY for either; lower case
+    first. A URL without a scheme is an http proxy."""
+    names = (f"{dify_scheme}_proxy", "all_proxy")
+    proxy, source = "", ""
+    for name in names:
+        for spelled in (name, name.upper()):
+            if env.get(spelled, "").strip() and not proxy:
+                proxy, source = env[spelled].strip(), spelled
+    if proxy:
+        if "://" not in proxy:
+            proxy = "http://" + proxy
+        parts = urlsplit(proxy)
+        if parts.scheme.lower() not in _PROXY_SCHEMES or not parts.hostname:
+            raise ConfigError(f"{source} is not a proxy URL: set it like http://proxy.example:3128 "
+                              f"(schemes: {', '.join(_PROXY_SCHEMES)})")
+    no_proxy = env.get("no_proxy", env.get("NO_PROXY"))
+    return proxy, (no_proxy.strip() if no_proxy is not None else None)
+>>>>>>> main
 
 
 def settings_from(env):
@@ -142,6 +169,7 @@ def settings_from(env):
             f"CONVERSATION_MEMORY_MODE={mode!r} is not 1 or 2: use 1 (history folded into each query) "
             "or 2 (Dify keeps the conversation)")
 
+    proxy, no_proxy = _egress_proxy(env, parts.scheme)
     origins = _split_list(env.get("CORS_ORIGINS", "*")) or ("*",)
     level = (env.get("LOG_LEVEL", "INFO").strip() or "INFO").upper()
     if level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -157,6 +185,8 @@ def settings_from(env):
         dify_connect_timeout=_number(env, "DIFY_CONNECT_TIMEOUT", 10.0, float, 0.1, 300),
         dify_idle_timeout=_number(env, "DIFY_IDLE_TIMEOUT", 90.0, float, 0.1, 3600),
         dify_max_connections=_number(env, "DIFY_MAX_CONNECTIONS", 1000, int, 1, 100000),
+        dify_proxy=proxy,
+        dify_no_proxy=no_proxy,
         keepalive_interval=_number(env, "KEEPALIVE_INTERVAL", 10.0, float, 0.05, 300),
         model_refresh_interval=_number(env, "MODEL_REFRESH_INTERVAL", 300.0, float, 1, 86400),
         cors_origins=origins,

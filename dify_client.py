@@ -1,29 +1,45 @@
-"""Dify's Service API, over keep-alive HTTP/1.1 connections.
+"""Dify's Service API, through Tornado's AsyncHTTPClient on libcurl.
 
-Tornado's AsyncHTTPClient does not suit a streaming proxy: its simple client sends
-`Connection: close` and opens a fresh TCP (and TLS) connection for every request, runs at
-most 10 requests at once and caps a whole request at 20 s. Here `Connections` keeps
-connections to Dify open between requests. Each connection is a small asyncio protocol
-that parses responses with Tornado's own `httputil` (start line, headers) and decodes
-chunked bodies itself: profiling showed Tornado's HTTP1Connection read path, rebuilt as a
-pool, cost about 45% of the proxy's CPU per relayed chunk. The concurrency limit comes
-from the settings; streams have no total time limit, and instead one watchdog per client
-fails any stream that has been silent for longer than the idle timeout (Dify pings every
-10 s while it works).
+`CurlAsyncHTTPClient` keeps connections to Dify alive between requests, retries a request
+that met a kept connection the server had just closed, speaks HTTP/2 where Dify's front
+server offers it, verifies TLS and goes through an egress proxy. Where pycurl cannot be
+imported, Tornado's simple client stands in (one warning at start-up): slower, a new
+connection per request, no proxy, and a departed client's transfer ends only when Dify
+next sends something.
+
+Around each fetch this module adds what a streaming proxy needs and the client lacks:
+- slots: at most DIFY_MAX_CONNECTIONS requests at once. A request waits for a slot at
+  most the connect timeout and then fails as "busy"; its idle clock starts only when it
+  goes out. Stop calls and app refreshes use a second client with slots of their own,
+  so they never wait behind streams.
+- no total time limit on streams (libcurl's TIMEOUT is one): a watchdog fails any stream
+  silent for longer than the idle timeout (Dify pings every 10 s while it works).
+- aborts: closing a stream makes libcurl's progress callback fail the transfer, and
+  pausing and resuming the transfer makes libcurl run that callback at once, even while
+  Dify sends nothing.
 """
 
 import asyncio
+import datetime
 import json
 import logging
 import ssl
 import time
-from urllib.parse import urlencode, urlsplit
+from urllib.parse import urlencode
 from uuid import uuid4
 
 from tornado.concurrent import Future
-from tornado.httputil import HTTPHeaders, HTTPInputError, HTTPMessageDelegate, parse_response_start_line
+from tornado.httpclient import HTTPRequest
 from tornado.ioloop import PeriodicCallback
 from tornado.locks import Semaphore
+from tornado.simple_httpclient import SimpleAsyncHTTPClient
+from tornado.util import TimeoutError as SlotTimeout
+
+try:
+    import pycurl
+    from tornado.curl_httpclient import CurlAsyncHTTPClient
+except ImportError:  # the simple client stands in; see _warn_without_curl
+    pycurl = None
 
 try:
     from orjson import loads as _loads
@@ -32,13 +48,14 @@ except ImportError:  # orjson is optional: it only makes parsing Dify's events c
 
 log = logging.getLogger("opendify.dify")
 
-_ERROR_BODY_LIMIT = 64 * 1024
 _JSON_BODY_LIMIT = 64 * 1024 * 1024
-_IDLE_KEEP = 30.0  # s an unused connection is kept; one the server closed sooner is noticed and dropped
-_IDLE_LIMIT = 256  # unused connections kept at most
 _STREAM_BODY_LIMIT = 1 << 40
-_HEAD_LIMIT = 64 * 1024
+_ERROR_BODY_LIMIT = 64 * 1024
 _QUEUE_LIMIT = 256 * 1024  # bytes of events a stream holds for a reader that is not taking them, before pausing
+_NO_TOTAL_LIMIT = 10 * 365 * 86400.0  # s; the simple client reads 0 as "no connect timeout" too
+_CONNECTION_MAX_AGE = 30  # s an unused connection is kept for reuse
+_CONNECTIONS_KEPT = 256  # unused connections kept at most per client
+_CONTROL_SLOTS = 32  # stop calls and app refreshes at once
 STOP_PATHS = {
     "chat": "/chat-messages/{}/stop",
     "completion": "/completion-messages/{}/stop",
@@ -58,7 +75,8 @@ class DifyError(Exception):
 
 
 class StreamFailure(Exception):
-    """The exchange with Dify broke: kind is unreachable, dropped, timeout or malformed."""
+    """The exchange with Dify broke: kind is unreachable, dropped, timeout, malformed or busy
+    (every connection slot taken)."""
 
     def __init__(self, kind, detail):
         super().__init__(f"{kind}: {detail}")
@@ -78,330 +96,181 @@ def error_from_body(status, body):
     return DifyError(status, data.get("code") or f"http_{status}", str(message))
 
 
-class Response(HTTPMessageDelegate):
-    """What HTTP1Connection reads of one response: status, headers, and whether the connection may be reused.
-    Subclasses take the body."""
-
-    status = None
-    headers = None
-    complete = False
-    reusable = False
-
-    def headers_received(self, start_line, headers):
-        self.status = start_line.code
-        self.headers = headers
-        self.reusable = start_line.version == "HTTP/1.1" and headers.get("Connection", "").lower() != "close"
-
-    def finish(self):
-        self.complete = True
-
-    def on_connection_close(self):
-        self.reusable = False
+def transport_failure(error, exchange):
+    """The StreamFailure for a fetch that ended without a whole response: "dropped" once Dify had
+    answered, "timeout" when a request's total limit passed on an open connection, "unreachable"
+    when no connection could be made in time or Dify closed it unanswered."""
+    detail = str(error) or type(error).__name__
+    if exchange.status is not None:
+        return StreamFailure("dropped", detail)
+    if exchange.connected and pycurl is not None and getattr(error, "errno", None) == pycurl.E_OPERATION_TIMEDOUT:
+        return StreamFailure("timeout", detail)
+    return StreamFailure("unreachable", detail)
 
 
-class Connection(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection to Dify, read as the bytes arrive.
+def ca_certificates():
+    """The system's CA file and folder, SSL_CERT_FILE / SSL_CERT_DIR first: what Python's ssl
+    module trusts. libcurl gets them explicitly because a pycurl wheel's built-in default is
+    the path of the system it was built on (e.g. /etc/pki/tls/certs/ca-bundle.crt), which
+    other systems do not have."""
+    paths = ssl.get_default_verify_paths()
+    return paths.cafile, paths.capath
 
-    An asyncio protocol gets each network read in one call; its response is parsed there
-    (Tornado's httputil for the head, chunked framing by hand) and handed to a Response.
-    An idle connection is still read by the loop, so one the server closes is noticed at
-    once and never reused.
+
+class SSEDecoder:
+    """Dify's SSE body, parsed into event dicts as the bytes arrive.
+
+    Lines are split as bytes, so a UTF-8 character split across two reads is only ever
+    decoded whole. A line still arriving is kept as a list of pieces and joined once its
+    end comes (as httpx's LineDecoder does), so a long line costs what its bytes cost,
+    however many reads it arrives in.
     """
 
     def __init__(self):
-        self.transport = None
-        self.lost = False
-        self.parked = None
-        self._response = None
-        self._done = None
-        self._buffer = b""
-        self._chunk = None  # bytes left of the current chunk (or sized body); None: a size line comes next
-        self._framing = None  # "head", "chunked", "trailer", "sized" or "close"
-        self._limit = 0
+        self.task_id = None
+        self._partial = []
+        self._data_lines = []
 
-    def send(self, request, response, limit):
-        """Writes one request; the future resolves once its response is complete (or the connection lost)."""
-        self._response = response
-        self._done = Future()
-        self._buffer = b""
-        self._framing = "head"
-        self._limit = limit
-        self.transport.write(request)
-        return self._done
-
-    def abort(self):
-        if self.transport is not None:
-            self.transport.abort()
-
-    def connection_made(self, transport):
-        self.transport = transport
-
-    def connection_lost(self, exc):
-        self.lost = True
-        response, self._response = self._response, None
-        if response is not None:
-            if self._framing == "close" and exc is None:
-                response.finish()
-            else:
-                response.on_connection_close()
-            self._settle()
-
-    def eof_received(self):
-        return False
-
-    def data_received(self, data):
-        if self._response is None:
-            self.transport.abort()  # nothing is expected on an idle connection
-            return
-        buffer = self._buffer + data if self._buffer else data
-        self._buffer = b""
-        try:
-            if self._framing == "head":
-                buffer = self._head(buffer)
-                if buffer is None:
-                    return
-            if self._framing == "chunked":
-                body, buffer = self._dechunk(buffer)
-            elif self._framing == "sized":
-                body, buffer = buffer[:self._chunk], buffer[self._chunk:]
-                self._chunk -= len(body)
-            elif self._framing == "close":
-                body, buffer = buffer, b""
-            else:
-                body = b""
-            if self._framing == "trailer":
-                buffer = self._trailer(buffer)
-        except HTTPInputError as error:
-            log.warning("Dify sent a malformed HTTP response: %s", error)
-            self._response.on_connection_close()
-            self._response = None
-            self.transport.abort()
-            self._settle()
-            return
-        self._buffer = buffer
-        response = self._response
-        if body and response is not None:
-            self._limit -= len(body)
-            if self._limit < 0:
-                self._overflow()
+    def feed(self, chunk, events):
+        """Appends the events completed by `chunk` to `events`; raises StreamFailure("malformed")."""
+        lines = chunk.split(b"\n")
+        tail = lines.pop()
+        partial = self._partial
+        if partial:
+            if not lines:
+                partial.append(tail)
                 return
-            response.data_received(body)
-        if self._framing == "sized" and not self._chunk or self._framing == "done":
-            self._response = None
-            if buffer:
-                self.transport.abort()
-            response.finish()
-            self._settle()
+            partial.append(lines[0])
+            lines[0] = b"".join(partial)
+            partial.clear()
+        if tail:
+            partial.append(tail)
+        for line in lines:
+            if line.startswith(b"data:"):
+                self._data_lines.append(line[5:])
+            elif self._data_lines and not line.strip():
+                events.append(self._dispatch())
+            # "event: ping", comments and other fields carry nothing the proxy needs.
 
-    def _overflow(self):
-        log.warning("Dify sent a response larger than %d bytes; dropping it", _JSON_BODY_LIMIT)
-        response, self._response = self._response, None
-        response.on_connection_close()
-        self.transport.abort()
-        self._settle()
+    def finish(self, events):
+        """The body ended: a last event not followed by a blank line still counts."""
+        line = b"".join(self._partial)
+        self._partial.clear()
+        if line.startswith(b"data:"):
+            self._data_lines.append(line[5:])
+        if self._data_lines:
+            events.append(self._dispatch())
 
-    def _settle(self):
-        done, self._done = self._done, None
-        if done is not None and not done.done():
-            done.set_result(None)
-
-    def _head(self, buffer):
-        while self._framing == "head":
-            end = buffer.find(b"\r\n\r\n")
-            if end < 0:
-                if len(buffer) > _HEAD_LIMIT:
-                    raise HTTPInputError("response head too long")
-                self._buffer = buffer
-                return None
-            text = buffer[:end].decode("latin1")
-            buffer = buffer[end + 4:]
-            first, _, rest = text.partition("\r\n")
-            start_line = parse_response_start_line(first)
-            if 100 <= start_line.code < 200:
-                continue
-            headers = HTTPHeaders.parse(rest)
-            self._response.headers_received(start_line, headers)
-            if start_line.code in (204, 304):
-                self._framing, self._chunk = "sized", 0
-            elif "chunked" in headers.get("Transfer-Encoding", "").lower():
-                self._framing, self._chunk = "chunked", None
-            elif "Content-Length" in headers:
-                try:
-                    self._framing, self._chunk = "sized", int(headers["Content-Length"])
-                except ValueError:
-                    raise HTTPInputError("bad Content-Length")
-            else:
-                self._framing = "close"
-                self._response.reusable = False
-        return buffer
-
-    def _dechunk(self, buffer):
-        out = []
-        while True:
-            if self._chunk is None:
-                line_end = buffer.find(b"\r\n")
-                if line_end < 0:
-                    if len(buffer) > 1024:
-                        raise HTTPInputError("chunk size line too long")
-                    break
-                try:
-                    size = int(buffer[:line_end].split(b";", 1)[0], 16)
-                except ValueError:
-                    raise HTTPInputError("invalid chunk size")
-                buffer = buffer[line_end + 2:]
-                if size == 0:
-                    self._framing = "trailer"
-                    break
-                self._chunk = size
-            if self._chunk:
-                piece = buffer[:self._chunk]
-                out.append(piece)
-                buffer = buffer[len(piece):]
-                self._chunk -= len(piece)
-                if self._chunk:
-                    break
-            if len(buffer) < 2:
-                break
-            if buffer[:2] != b"\r\n":
-                raise HTTPInputError("chunk not followed by CRLF")
-            buffer = buffer[2:]
-            self._chunk = None
-        return (out[0] if len(out) == 1 else b"".join(out)), buffer
-
-    def _trailer(self, buffer):
-        while True:
-            line_end = buffer.find(b"\r\n")
-            if line_end < 0:
-                return buffer
-            line, buffer = buffer[:line_end], buffer[line_end + 2:]
-            if not line:
-                self._framing = "done"
-                return buffer
+    def _dispatch(self):
+        data_lines = self._data_lines
+        payload = b"\n".join(data_lines) if len(data_lines) > 1 else data_lines[0]
+        self._data_lines = []
+        try:
+            event = _loads(payload)
+        except ValueError:
+            raise StreamFailure("malformed", "sent data that is not JSON")
+        if event.__class__ is not dict:
+            raise StreamFailure("malformed", "sent an event that is not a JSON object")
+        if self.task_id is None:
+            self.task_id = event.get("task_id")
+        return event
 
 
-class Connections:
-    """Keep-alive connections to one Dify server.
+class Lane:
+    """One AsyncHTTPClient with its own slots. Streams and uploads take one lane, stop calls
+    and app refreshes another, so a full lane of streams never delays a stop.
 
-    A request takes the newest idle connection or opens one; once its response has been
-    read to the end, the connection goes back to the idle list, unless the server asked to
-    close it. A stream the proxy closes mid-answer loses its connection: that is how the
-    stop reaches Dify at once. Connections are asyncio transports rather than Tornado's
-    IOStream + HTTP1Connection: measured, Tornado's per-read futures and reader
-    re-registrations cost more than the rest of the relay (see bench/README.md).
+    The slots, not the client's own queue, decide when a request goes out: the curl
+    client's queue has no time limit, and time spent in it would count as Dify's silence.
     """
 
-    def __init__(self, base_url, *, connect_timeout=10.0, max_connections=1000):
-        parts = urlsplit(base_url)
-        self.secure = parts.scheme == "https"
-        self.host = parts.hostname
-        self.port = parts.port or (443 if self.secure else 80)
-        self.authority = parts.netloc.rpartition("@")[2]
-        self.prefix = parts.path.rstrip("/")
-        self.connect_timeout = connect_timeout
-        # The default context reads the system's CAs, and SSL_CERT_FILE when it is set.
-        self.ssl_context = ssl.create_default_context() if self.secure else None
-        self.opened = 0
-        self._idle = []  # newest last
-        self._slots = Semaphore(max_connections)
+    def __init__(self, size, wait, max_body_size):
+        self.size = size
+        self.wait = wait
+        self._max_body_size = max_body_size
+        self._slots = Semaphore(size)
+        self._http = None
 
-    async def exchange(self, method, path, headers, body, response, limit=_JSON_BODY_LIMIT, on_connection=None):
-        """Sends one request and feeds its response to `response` (a Response); returns once it is
-        complete or the connection broke (the response is told which). Raises StreamFailure
-        ("unreachable" or "timeout") when no connection can be made."""
-        request = self._request(method, path, headers, body)
-        async with self._slots:
-            connection = await self._connection()
-            if on_connection is not None:
-                on_connection(connection)
-            try:
-                await connection.send(request, response, limit)
-            finally:
-                if response.complete and response.reusable and not connection.lost:
-                    self._park(connection)
-                else:
-                    connection.abort()
+    @property
+    def http(self):
+        """The client, made on first use: it belongs to the loop it is made on."""
+        if self._http is None:
+            if pycurl is not None:
+                self._http = CurlAsyncHTTPClient(force_instance=True, max_clients=self.size,
+                                                 max_body_size=self._max_body_size)
+                self._http._multi.setopt(pycurl.M_MAXCONNECTS, min(self.size, _CONNECTIONS_KEPT))
+            else:
+                self._http = SimpleAsyncHTTPClient(force_instance=True, max_clients=self.size,
+                                                   max_body_size=self._max_body_size)
+        return self._http
 
-    def _request(self, method, path, headers, body):
-        lines = [f"{method} {self.prefix}{path} HTTP/1.1", f"Host: {self.authority}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
-        if body is not None:
-            lines.append(f"Content-Length: {len(body)}")
-        head = "\r\n".join(lines)
-        if "\n" in head.replace("\r\n", "") or "\r" in head.replace("\r\n", ""):
-            raise ValueError("a request header holds a line break")
-        return head.encode("latin1") + b"\r\n\r\n" + (body or b"")
-
-    async def _connection(self):
-        now = time.monotonic()
-        while self._idle:
-            connection = self._idle.pop()
-            fresh = now - connection.parked < _IDLE_KEEP
-            if fresh and not connection.lost and not connection.transport.is_closing():
-                return connection
-            connection.abort()
-        loop = asyncio.get_running_loop()
+    async def acquire(self):
+        """A slot, or StreamFailure("busy") once all were taken for longer than `wait`."""
         try:
-            _, connection = await asyncio.wait_for(loop.create_connection(
-                Connection, self.host, self.port, ssl=self.ssl_context,
-                server_hostname=self.host if self.secure else None), self.connect_timeout)
-        except asyncio.TimeoutError:
-            raise StreamFailure("timeout", f"no connection to {self.authority} within {self.connect_timeout:g} s")
-        except OSError as error:
-            raise StreamFailure("unreachable", str(error) or type(error).__name__)
-        self.opened += 1
-        return connection
+            await self._slots.acquire(datetime.timedelta(seconds=self.wait))
+        except SlotTimeout:
+            raise StreamFailure("busy", f"all {self.size} connections to Dify stayed in use for {self.wait:g} s")
 
-    def _park(self, connection):
-        if len(self._idle) >= _IDLE_LIMIT:
-            self._idle.pop(0).abort()
-        connection.parked = time.monotonic()
-        self._idle.append(connection)
+    def release(self):
+        self._slots.release()
 
     def close(self):
-        for connection in self._idle:
-            connection.abort()
-        self._idle.clear()
+        if self._http is not None:
+            self._http.close()
 
 
-class _Body(Response):
-    """A whole (JSON) response body."""
+class Exchange:
+    """What one fetch learned before it ended: the status Dify answered and whether a connection
+    was made, which tell a dropped answer, a timeout and an unreachable Dify apart."""
 
-    def __init__(self):
-        self.chunks = []
+    status = None
+    connected = False
+    _curl = None
 
-    def data_received(self, chunk):
-        self.chunks.append(chunk)
+    def prepare(self, curl, client):
+        self._curl = curl
+        client.curl_options(curl)
+        curl.setopt(pycurl.PREREQFUNCTION, self._on_connected)
 
-    def body(self):
-        return b"".join(self.chunks)
+    def _on_connected(self, *_):
+        self.connected = True
+        return pycurl.PREREQFUNC_OK
+
+    def on_header(self, line):
+        if line.startswith("HTTP/"):
+            self.status = int(line.split(None, 2)[1])
 
 
-class EventStream(Response):
+class EventStream(Exchange):
     """One SSE response from Dify, parsed into event dicts as the bytes arrive.
 
-    HTTP1Connection hands every network read to `data_received`. Complete lines are parsed
-    there as bytes, so a UTF-8 character split across two reads is only ever decoded whole,
-    and events are handed to the reader in batches: one wake-up per read, not per event.
+    libcurl hands every network read to `_on_chunk` (one loop callback per read); complete
+    events are handed to the reader in batches: one wake-up per read, not per event.
     """
 
     def __init__(self, client, key, path, body):
-        self.task_id = None
         self.last_activity = time.monotonic()
         self._client = client
+        self._decoder = SSEDecoder()
         self._events = []
         self._waiter = None
-        self._tail = b""
-        self._data_lines = []
         self._error_body = bytearray()
         self._failure = None
         self._finished = False
         self._aborted = False
-        self._connection = None
+        self._fetch = None
         self._queued = 0  # bytes behind the events not yet taken
-        self._paused = False
-        client.watch(self)
-        self._task = asyncio.ensure_future(self._run(
-            client.headers(key, accept="text/event-stream"), json.dumps(body, ensure_ascii=False).encode(), path))
+        self.paused = False
+        request = client.request("POST", key, path, json.dumps(body, ensure_ascii=False).encode(),
+                                 accept="text/event-stream", timeout=_NO_TOTAL_LIMIT)
+        request.streaming_callback = self._on_chunk
+        request.header_callback = self.on_header
+        request.prepare_curl_callback = self._prepare
+        self._task = asyncio.ensure_future(self._run(request))
+
+    @property
+    def task_id(self):
+        return self._decoder.task_id
 
     async def next_events(self):
         """The events received since the last call; None once the stream has ended cleanly."""
@@ -418,12 +287,13 @@ class EventStream(Response):
             await self._waiter
 
     def close(self):
-        """Stops reading and closes the connection to Dify at once."""
+        """Stops reading and ends the transfer to Dify at once."""
+        if self._aborted:
+            return
         self._aborted = True
         self._finished = True
         self._client.unwatch(self)
-        if self._connection is not None:
-            self._connection.abort()
+        self._wake_transfer()
         self._wake()
 
     def fail(self, failure):
@@ -431,123 +301,149 @@ class EventStream(Response):
             self._failure = failure
         self.close()
 
+    def _transfer_running(self):
+        """Whether the curl handle is still this stream's: after the fetch it may serve another request."""
+        return self._curl is not None and self._fetch is not None and not self._fetch.done()
+
+    def _hold_back(self, size):
+        """Back-pressure: while the reader (a client that is not reading) leaves events waiting, libcurl
+        stops reading Dify's connection; the reader's next take lets it in again. Paused again on
+        every read past the limit, because Tornado resumes a transfer it paused itself."""
+        self._queued += size
+        if self._queued > _QUEUE_LIMIT and self._transfer_running():
+            self.paused = True
+            try:
+                self._curl.pause(pycurl.PAUSE_RECV)
+            except pycurl.error:
+                pass  # the transfer is ending anyway
+
+    def _let_in(self):
+        self._queued = 0
+        if self.paused:
+            self.paused = False
+            self.last_activity = time.monotonic()  # a paused stream's silence was the client's, not Dify's
+            if self._transfer_running():
+                try:
+                    self._curl.pause(pycurl.PAUSE_CONT)
+                except pycurl.error:
+                    pass
+
+    def _wake_transfer(self):
+        """libcurl runs a transfer's progress callback only when it works on it: when data
+        arrives or about once a second. Pausing and resuming makes it run at once, so a silent
+        transfer sees the abort now."""
+        if not self._transfer_running():
+            return
+        try:
+            self._curl.pause(pycurl.PAUSE_ALL)
+            self._curl.pause(pycurl.PAUSE_CONT)
+        except pycurl.error:
+            pass  # the transfer is ending anyway
+
     def _wake(self):
         waiter, self._waiter = self._waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    async def _run(self, headers, body, path):
+    async def _run(self, request):
+        lane = self._client.streams
         try:
-            await self._client.connections.exchange("POST", path, headers, body, self, _STREAM_BODY_LIMIT,
-                                                    on_connection=self._attach)
+            await lane.acquire()
         except StreamFailure as failure:
-            if not self._aborted:
-                self._failure = StreamFailure("unreachable", failure.detail)
+            self._end(failure)
+            return
+        try:
+            if self._aborted:
+                return
+            self.last_activity = time.monotonic()
+            self._client.watch(self)
+            self._fetch = lane.http.fetch(request, raise_error=False)
+            response = await self._fetch
+        except Exception as error:  # every way a fetch fails: libcurl's errors, the simple client's socket errors
+            self._end(None if self._aborted else transport_failure(error, self))
+            return
         finally:
+            lane.release()
             self._client.unwatch(self)
-            if not self._aborted and not self.complete:
-                self.on_connection_close()
-            self._wake()
+            self._curl = None
+        if self.status != 200:
+            error = error_from_body(response.code, bytes(self._error_body))
+            error.retry_after = response.headers.get("Retry-After")
+            self._end(error)
+        else:
+            self._end_body()
 
-    def _attach(self, connection):
-        self._connection = connection
-        if self._aborted:
-            connection.abort()
+    def _prepare(self, curl):
+        self.prepare(curl, self._client)
+        curl.setopt(pycurl.NOPROGRESS, 0)
+        curl.setopt(pycurl.XFERINFOFUNCTION, self._progress)
 
-    def headers_received(self, start_line, headers):
-        super().headers_received(start_line, headers)
+    def _progress(self, *_):
+        """libcurl's progress callback: a true answer ends the transfer."""
+        return self._aborted
+
+    def on_header(self, line):
+        super().on_header(line)
         self.last_activity = time.monotonic()
 
-    def data_received(self, chunk):
+    def _on_chunk(self, chunk):
         if self._aborted:
+            if pycurl is None:
+                raise StreamFailure("dropped", "closed by the proxy")  # how the simple client's fetch is ended
             return
         self.last_activity = time.monotonic()
+        if self.status is None and self._curl is not None:
+            # libcurl's header lines reach _on_header through loop callbacks; the body can come first.
+            self.status = self._curl.getinfo(pycurl.RESPONSE_CODE)
         if self.status != 200:
             if len(self._error_body) < _ERROR_BODY_LIMIT:
                 self._error_body += chunk
             return
-        lines = (self._tail + chunk).split(b"\n") if self._tail else chunk.split(b"\n")
-        self._tail = lines.pop()
-        before = len(self._events)
-        for line in lines:
-            if line.startswith(b"data:"):
-                self._data_lines.append(line[5:])
-            elif self._data_lines and not line.strip():
-                self._dispatch()
-                if self._failure is not None:
-                    return
-            # "event: ping", comments and other fields carry nothing the proxy needs.
-        if len(self._events) != before:
-            self._wake()
-        self._hold_back(len(chunk))
-
-    def _hold_back(self, size):
-        """Back-pressure: while the reader (a client that is not reading) leaves events waiting, Dify's
-        connection is not read; the reader's next take lets it in again."""
-        self._queued += size
-        if self._queued > _QUEUE_LIMIT and not self._paused and self._connection is not None:
-            self._paused = True
-            self._connection.transport.pause_reading()
-
-    def _let_in(self):
-        self._queued = 0
-        if self._paused:
-            self._paused = False
-            self.last_activity = time.monotonic()  # a paused stream's silence was the client's, not Dify's
-            if self._connection is not None and not self._connection.lost:
-                self._connection.transport.resume_reading()
-
-    def _dispatch(self):
-        payload = b"\n".join(self._data_lines) if len(self._data_lines) > 1 else self._data_lines[0]
-        self._data_lines = []
+        events = self._events
+        before = len(events)
         try:
-            event = _loads(payload)
-        except ValueError:
-            self.fail(StreamFailure("malformed", "sent data that is not JSON"))
+            self._decoder.feed(chunk, events)
+        except StreamFailure as failure:
+            self.fail(failure)
             return
-        if event.__class__ is not dict:
-            self.fail(StreamFailure("malformed", "sent an event that is not a JSON object"))
-            return
-        if self.task_id is None:
-            self.task_id = event.get("task_id")
-        self._events.append(event)
+        if len(events) != before:
+            self._wake()
+        if self._curl is not None:
+            self._hold_back(len(chunk))
 
-    def finish(self):
-        super().finish()
+    def _end_body(self):
         if self._aborted:
             return
-        if self.status != 200:
-            self._failure = error_from_body(self.status, bytes(self._error_body))
-            self._failure.retry_after = self.headers.get("Retry-After")
-        else:
-            if self._tail.startswith(b"data:"):
-                self._data_lines.append(self._tail[5:])
-            self._tail = b""
-            if self._data_lines:
-                self._dispatch()
-            self._finished = True
+        try:
+            self._decoder.finish(self._events)
+        except StreamFailure as failure:
+            self._end(failure)
+            return
+        self._finished = True
         self._wake()
 
-    def on_connection_close(self):
-        super().on_connection_close()
-        if self._aborted or self._failure is not None:
-            return
-        if self.status is None:
-            self._failure = StreamFailure("unreachable", "closed the connection before answering")
-        else:
-            self._failure = StreamFailure("dropped", "closed the connection mid-answer")
+    def _end(self, failure):
+        if failure is not None and not self._aborted and self._failure is None:
+            self._failure = failure
         self._wake()
 
 
 class DifyClient:
-    """Connections to one Dify server, shared by every app key."""
+    """Requests to one Dify server, shared by every app key."""
 
-    def __init__(self, base_url, *, connect_timeout=10.0, idle_timeout=90.0, max_connections=1000):
+    def __init__(self, base_url, *, connect_timeout=10.0, idle_timeout=90.0, max_connections=1000, proxy="",
+                 no_proxy=None):
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
-        self.connections = None
         self.base_url = base_url
+        self.proxy = proxy
+        self.no_proxy = no_proxy
+        self.ca_file, self.ca_path = ca_certificates()
+        if pycurl is None:
+            _warn_without_curl(proxy)
+        self.streams = Lane(max_connections, connect_timeout, _STREAM_BODY_LIMIT)
+        self.control = Lane(_CONTROL_SLOTS, connect_timeout, _JSON_BODY_LIMIT)
         self._streams = set()
         self._watchdog = None
 
@@ -557,16 +453,30 @@ class DifyClient:
 
     @base_url.setter
     def base_url(self, url):
-        """A new address gets new connections; requests under way finish on the old ones."""
         self._base_url = url.rstrip("/")
-        if self.connections is not None:
-            self.connections.close()
-        self.connections = Connections(self._base_url, connect_timeout=self.connect_timeout,
-                                       max_connections=self.max_connections)
 
-    def headers(self, key, accept="application/json", content_type="application/json"):
-        return {"Authorization": f"Bearer {key}", "Content-Type": content_type, "Accept": accept,
-                "User-Agent": "OpenDify"}
+    def request(self, method, key, path, body, *, accept="application/json", content_type="application/json",
+                timeout=None):
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": content_type, "Accept": accept}
+        return HTTPRequest(self._base_url + path, method=method, headers=headers, body=body, user_agent="OpenDify",
+                           connect_timeout=self.connect_timeout, request_timeout=timeout or self.idle_timeout,
+                           decompress_response=False, follow_redirects=False, ca_certs=self.ca_file,
+                           allow_nonstandard_methods=True)  # DELETE /conversations carries a body
+
+    def curl_options(self, curl):
+        """What every transfer to Dify sets beyond Tornado's defaults."""
+        curl.setopt(pycurl.VERBOSE, 0)  # Tornado turns it on at DEBUG: it would log the Dify keys
+        curl.setopt(pycurl.MAXAGE_CONN, _CONNECTION_MAX_AGE)
+        if self.ca_path:
+            curl.setopt(pycurl.CAPATH, self.ca_path)
+        # Set even when empty: libcurl would otherwise read http_proxy (lower case only) itself.
+        curl.setopt(pycurl.PROXY, self.proxy)
+        if self.no_proxy is not None:
+            curl.setopt(pycurl.NOPROXY, self.no_proxy)
+        if self.ca_file:
+            curl.setopt(pycurl.PROXY_CAINFO, self.ca_file)
+        if self.ca_path:
+            curl.setopt(pycurl.PROXY_CAPATH, self.ca_path)
 
     def stream(self, key, path, body):
         """Opens a streaming request; events are read with `next_events()`."""
@@ -612,25 +522,32 @@ class DifyClient:
                 f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe_name}"\r\n'
                 f"Content-Type: {mime}\r\n\r\n").encode()
         body = head + data + f"\r\n--{boundary}--\r\n".encode()
-        return await self._call("POST", key, "/files/upload", body,
+        return await self._call("POST", key, "/files/upload", body, lane=self.streams,
                                 content_type=f"multipart/form-data; boundary={boundary}")
 
-    async def _call(self, method, key, path, body, timeout=None, content_type="application/json"):
-        response = _Body()
-        limit = timeout or self.idle_timeout
+    async def _call(self, method, key, path, body, timeout=None, content_type="application/json", lane=None):
+        """One request answered with JSON; control calls (refreshes, stops) by default."""
+        lane = lane or self.control
+        exchange = Exchange()
+        request = self.request(method, key, path, body, content_type=content_type, timeout=timeout)
+        request.header_callback = exchange.on_header
+        request.prepare_curl_callback = lambda curl: exchange.prepare(curl, self)
+        await lane.acquire()
         try:
-            await asyncio.wait_for(self.connections.exchange(
-                method, path, self.headers(key, content_type=content_type), body, response), limit)
-        except asyncio.TimeoutError:
-            raise StreamFailure("timeout", f"no complete answer to {path} within {limit:g} s")
-        if not response.complete:
-            raise StreamFailure("unreachable", f"closed the connection before answering {path}")
-        if response.status >= 400:
-            error = error_from_body(response.status, response.body())
+            response = await lane.http.fetch(request, raise_error=False)
+        except Exception as error:  # every way a fetch fails: libcurl's errors, the simple client's socket errors
+            failure = transport_failure(error, exchange)
+            if failure.kind == "timeout":
+                failure.detail = f"no complete answer to {path} within {request.request_timeout:g} s"
+            raise failure
+        finally:
+            lane.release()
+        data = response.body or b""
+        if response.code >= 400:
+            error = error_from_body(response.code, data)
             error.retry_after = response.headers.get("Retry-After")
             raise error
-        data = response.body()
-        if response.status == 204 or not data:
+        if response.code == 204 or not data:
             return {}
         try:
             return json.loads(data)
@@ -649,11 +566,17 @@ class DifyClient:
 
     def _check_idle(self):
         deadline = time.monotonic() - self.idle_timeout
-        for stream in [s for s in self._streams if s.last_activity < deadline and not s._paused]:
+        for stream in [s for s in self._streams if s.last_activity < deadline and not s.paused]:
             log.warning("Dify stream silent for %.1f s; closing it", self.idle_timeout)
             stream.fail(StreamFailure("timeout", f"sent nothing for {self.idle_timeout:g} s"))
 
     def close(self):
         if self._watchdog is not None:
             self._watchdog.stop()
-        self.connections.close()
+        self.streams.close()
+        self.control.close()
+
+
+def _warn_without_curl(proxy):
+    log.warning("pycurl cannot be imported: using Tornado's simple HTTP client for Dify (slower, a new connection "
+                "per request%s); pip install pycurl", ", HTTPS_PROXY/HTTP_PROXY ignored" if proxy else "")

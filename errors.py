@@ -98,6 +98,13 @@ def upstream_unreachable(model, detail):
                     code="upstream_unreachable", retry_after=2)
 
 
+def dify_busy(limit, detail):
+    """Every connection slot to Dify stayed taken: the proxy's own limit, not Dify's answer."""
+    return APIError(503, f"The proxy is at its limit of simultaneous requests to Dify ({detail}); retry shortly, "
+                         f"or raise DIFY_MAX_CONNECTIONS (now {limit}).", type="server_error",
+                    code="dify_connections_busy", retry=True, retry_after=1)
+
+
 def upstream_timeout(model, seconds):
     return APIError(504, f"The Dify app for model '{model}' sent nothing for {seconds:g} s; giving up.",
                     type="server_error", code="upstream_timeout")

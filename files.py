@@ -25,7 +25,7 @@ from tornado.ioloop import IOLoop
 
 import metrics
 from dify_client import DifyError, StreamFailure
-from errors import APIError, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from errors import APIError, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 
 log = logging.getLogger("opendify.files")
 
@@ -744,6 +744,8 @@ class Uploads:
                 raise upstream_unreachable(model, failure.detail)
             if failure.kind == "timeout":
                 raise upstream_timeout(model, self.dify.idle_timeout)
+            if failure.kind == "busy":
+                raise dify_busy(self.dify.max_connections, failure.detail)
             raise upstream_broken(model, f"failed while receiving {attachment.name}: {failure.detail}")
         upload_id = answer.get("id") if isinstance(answer, dict) else None
         if not isinstance(upload_id, str) or not upload_id:

@@ -44,7 +44,8 @@ class Proxy:
         self.secret = secret
         self.dify = DifyClient(settings.dify_api_base, connect_timeout=settings.dify_connect_timeout,
                                idle_timeout=settings.dify_idle_timeout,
-                               max_connections=settings.dify_max_connections)
+                               max_connections=settings.dify_max_connections, proxy=settings.dify_proxy,
+                               no_proxy=settings.dify_no_proxy)
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
         self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
         self.uploads = Uploads.from_settings(self.dify, settings)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import http.client
 import json
+import os
 import uuid
 from types import SimpleNamespace
 
@@ -680,3 +682,69 @@ def test_messages_lists_the_newest_last_and_404s_a_gone_conversation():
         assert gone.code == 404 and b'"Conversation Not Exists."' in gone.body
 
     run(test, profile="1.13")
+
+
+# ----------------------------------------------------------------------------- the fake next to the recordings
+
+CAPTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "dify-captures")
+
+
+def captured_turns(name):
+    """The streamed bodies of a capture file (copied from /work/shared/reference/dify-captures), one
+    list of SSE payloads per exchange, as the server sent them."""
+    turns, reads = [], None
+    with open(os.path.join(CAPTURES, name), encoding="utf-8") as capture:
+        for line in capture:
+            if line.startswith(">>> POST"):
+                reads = []
+                turns.append(reads)
+            elif line.startswith("[") and "] '" in line and reads is not None:
+                reads.append((0.0, ast.literal_eval(line.split("] ", 1)[1]).encode("utf-8")))
+    return [[payload for _, payload in dechunk(reads)] for reads in turns]
+
+
+def shape(payloads):
+    """What a client can tell apart in a stream: pings and event names in order, each event's key order
+    (with its metadata and usage keys), and the JSON style."""
+    kinds, keys = [], {}
+    for payload in filter(None, payloads):  # the empty last chunk ends the body
+        if payload == b"event: ping\n\n":
+            kinds.append("ping")
+            continue
+        event = json.loads(payload[6:])
+        kinds.append(event["event"])
+        keys.setdefault(event["event"], list(event))
+        if event["event"] == "message_end":
+            keys["metadata"] = list(event["metadata"])
+            keys["usage"] = list(event["metadata"]["usage"])
+    body = b"".join(payloads)
+    style = "compact" if b'{"event":"' in body else "spaced"
+    return kinds, keys, style
+
+
+@pytest.mark.parametrize("profile, capture, key", [
+    ("1.13", "1.13.2_advanced-chat_stream_2turns.txt", FLOW),
+    ("0.11", "0.11.1_advanced-chat_stream_2turns.txt", FLOW),
+    ("0.11", "0.11.1_chat_stream_2turns.txt", CHAT),
+])
+def test_the_fake_streams_like_the_recorded_server(profile, capture, key):
+    real_kinds, real_keys, real_style = shape(captured_turns(capture)[1])
+    query = "second turn ünïcödé 你好"
+
+    async def test(fake, c):
+        first = events_of((await c.call("POST", "/chat-messages", key=key, body=chat("hello real dify"))).body)
+        _, reads = await raw_exchange(fake, "/chat-messages", chat(query, conversation_id=first[0]["conversation_id"]),
+                                      key=key)
+        payloads = [payload for _, payload in dechunk(reads)]
+        kinds, keys, style = shape(payloads)
+        assert style == real_style
+        assert (kinds[0] == "ping") == (real_kinds[0] == "ping") and kinds.count("ping") == real_kinds.count("ping")
+        assert kinds[-2:] == real_kinds[-2:]
+        for name in set(keys) & set(real_keys):
+            assert keys[name] == real_keys[name], name
+        assert set(real_keys) - set(keys) <= {"node_started", "node_finished"}
+        escaped = query.encode("ascii", "backslashreplace").decode().replace("\\x", "\\u00").encode()
+        assert (query.encode() in b"".join(payloads)) == (query.encode() in b"".join(captured_turns(capture)[1]))
+        assert (escaped in b"".join(payloads)) == (escaped in b"".join(captured_turns(capture)[1]))
+
+    run(test, profile=profile)

@@ -26,15 +26,15 @@ def get_weather(city: str) -> str:
     return f"18 C and sunny in {city}"
 
 
-def run_agent(harness, prompt, stream):
+def run_agent(harness, prompt, stream, **options):
     async def run():
         client = AsyncOpenAI(base_url=harness.base_url, api_key=CLIENT_KEY, max_retries=0)
         config = RunConfig(model_provider=OpenAIProvider(openai_client=client, use_responses=True),
                            tracing_disabled=True)
         agent = Agent(name="Weather", instructions="Help with the weather.", model=CHAT, tools=[get_weather])
         if not stream:
-            return await Runner.run(agent, prompt, run_config=config)
-        result = Runner.run_streamed(agent, prompt, run_config=config)
+            return await Runner.run(agent, prompt, run_config=config, **options)
+        result = Runner.run_streamed(agent, prompt, run_config=config, **options)
         async for _ in result.stream_events():
             pass
         return result
@@ -54,6 +54,21 @@ def test_agents_sdk_tool_loop(harness, stream):
     call = query.index('"name": "get_weather", "arguments": {"city": "Paris"}')
     result_block = query.index('name="get_weather">\n18 C and sunny in Paris\n</tool_result>')
     assert call < result_block, "the tool's output follows its call"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_agents_sdk_tool_loop_on_server_state(harness, stream):
+    """With `auto_previous_response_id` the SDK sends only the tool's output and the previous response id:
+    the proxy continues the Dify conversation from the id alone."""
+    harness.dify.script(harness.key_of(CHAT), Text(CALL), End())
+    harness.dify.script(harness.key_of(CHAT), Text("Sunny, 18 C."), End())
+    result = run_agent(harness, "Weather in Paris?", stream, auto_previous_response_id=True)
+    assert result.final_output == "Sunny, 18 C."
+    first, second = harness.chat_bodies()
+    (conversation_id,) = harness.dify.conversations
+    assert first["conversation_id"] == "" and second["conversation_id"] == conversation_id
+    assert second["query"].startswith('<tool_result id="call_') and "18 C and sunny in Paris" in second["query"]
+    assert "Weather in Paris?" not in second["query"], "Dify's conversation already has the question"
 
 
 # --- Codex CLI ------------------------------------------------------------------------------------
