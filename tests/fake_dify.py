@@ -11,9 +11,13 @@ app, as in Dify), starts it on an IOLoop (``await fake.start()``, or
 :class:`FakeDifyThread` for a background thread) and optionally queues scripted runs with
 :meth:`FakeDify.script`. A script is a list of steps (:class:`Text`, :class:`Event`,
 :class:`Raw`, :class:`Sleep`, :class:`Ping`, :class:`End`, :class:`ErrorEvent`,
-:class:`Drop`, :class:`Hang`, :class:`HttpError`, :class:`Start`) consumed by the next
+:class:`Drop`, :class:`Hang`, :class:`HttpError`, :class:`Start`, :class:`Silence`) consumed by the next
 generation request that passes validation. Without a script the app answers a default
 "Echo: <query>" run shaped like its mode.
+
+``FakeDify(apps, profile="1.13" | "0.11")`` behaves like those real Dify versions where the
+proxy can notice (see :class:`Profile`, and ``queue_delay`` / ``worker_silence`` / ``end_linger``
+for the 1.13 worker's timing); without a profile it is the fake written from the documentation.
 
 Everything received is recorded (:attr:`FakeDify.requests`, ``stops``, ``uploads``,
 ``conversations``). Recorded containers are only mutated on the loop thread; reading them
@@ -57,7 +61,11 @@ __all__ = [
     "Hang",
     "HttpError",
     "Start",
+    "Silence",
+    "PROFILES",
+    "Profile",
     "default_parameters",
+    "versioned_parameters",
     "make_usage",
 ]
 
