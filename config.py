@@ -104,7 +104,6 @@ def _tools_by_model(env):
     return tuple(pairs)
 
 
-<<<<<<< HEAD
 def _workers(env):
     """WORKERS: a number of processes, or `auto` for one per CPU."""
     raw = env.get("WORKERS", "").strip().lower()
@@ -113,7 +112,8 @@ def _workers(env):
     if raw and not raw.isdigit():
         raise ConfigError(f"WORKERS={raw!r} is not a number: set it to a number of processes (1 to 256) or auto")
     return _number(env, "WORKERS", 1, int, 1, 256)
-=======
+
+
 _PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
 
 
@@ -136,7 +136,6 @@ def _egress_proxy(env, dify_scheme):
                               f"(schemes: {', '.join(_PROXY_SCHEMES)})")
     no_proxy = env.get("no_proxy", env.get("NO_PROXY"))
     return proxy, (no_proxy.strip() if no_proxy is not None else None)
->>>>>>> main
 
 
 def settings_from(env):
