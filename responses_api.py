@@ -32,6 +32,7 @@ TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_te
 CALL_ITEMS = ("function_call", "custom_tool_call")
 OUTPUT_ITEMS = ("function_call_output", "custom_tool_call_output")
 IGNORED_ITEMS = ("reasoning", "item_reference", "compaction")
+MAX_USER = 64
 _MESSAGE_PARAM = re.compile(r"messages\[(\d+)\]")
 
 
@@ -87,6 +88,7 @@ def parse_responses_request(body):
     if response_format is not None:
         chat_body["response_format"] = response_format
     user = next((body[k] for k in ("user", "safety_identifier") if isinstance(body.get(k), str) and body[k]), "")
+    user = user[:MAX_USER]  # as much as the Dify end user takes; the response id carries it
     inputs = body.get("inputs")
     chat = ChatRequest(model=model, messages=messages, stream=body.get("stream") is True, user=user,
                        inputs=inputs if isinstance(inputs, dict) else {}, body=chat_body)

@@ -553,3 +553,21 @@ def test_a_client_that_leaves_stops_the_dify_task(harness):
             received += data
     assert wait_for(lambda: harness.dify.stops, timeout=3.0)
     assert harness.dify.stops[0][0] == "chat" and wait_for(lambda: harness.dify.active_streams == 0)
+
+
+def test_moderation_replacing_the_answer_is_incomplete(harness):
+    for stream in (False, True):
+        harness.dify.script(harness.key_of(CHAT), Text("bad ", "words"),
+                            Event({"event": "message_replace", "answer": "Sorry."}), End())
+        _, _, body = post(harness, {"input": "x", "stream": stream})
+        response = sse(body)[-1]["response"] if stream else check_response(json.loads(body))
+        assert response["status"] == "incomplete" and response["incomplete_details"] == {"reason": "content_filter"}
+        assert response["output"][-1]["content"][0]["text"].endswith("Sorry.")
+
+
+def test_a_long_user_and_a_tool_without_parameters(harness):
+    first = strict(harness).responses.create(model=CHAT, input="x", user="u" * 500,
+                                             tools=[{"type": "function", "name": "ping"}])
+    assert harness.chat_bodies()[-1]["user"].endswith(":" + "u" * 64)
+    strict(harness).responses.create(model=CHAT, input="more", previous_response_id=first.id)
+    assert harness.chat_bodies()[-1]["user"].endswith(":" + "u" * 64)
