@@ -84,7 +84,7 @@ __all__ = [
     "ToolSpec", "ToolRequest", "ToolRequestError", "tool_request", "tool_instructions", "catalogue", "turn_rule",
     "for_policy",
     "render_tool_calls", "render_tool_result", "ToolCallParser", "parse_tool_calls",
-    "new_call_id", "MAX_HOLDBACK",
+    "new_call_id", "MAX_HOLDBACK", "lenient_json",
 ]
 
 TAG_MAX = 64
@@ -680,6 +680,22 @@ def _json_values(text, closed):
             if values and tail[:1] in ("{", "["):
                 return values, ""  # a further call cut off by the end of the answer: not text
     return values, (text[after:] if values else tail)
+
+
+def lenient_json(text):
+    """The JSON object or array `text` starts with (anything after it ignored), repaired of small faults
+    if need be; None when it does not start with one."""
+    text = text.strip()
+    if text[:1] not in ("{", "["):
+        return None
+    try:
+        return _DECODER.raw_decode(text)[0]
+    except (ValueError, RecursionError):
+        pass
+    try:
+        return _repair(text)
+    except (ValueError, RecursionError):
+        return None
 
 
 # --------------------------------------------------------------------------- schema coercion

@@ -6,21 +6,23 @@ error ending with `[DONE]`, and a Dify run nobody will read is stopped.
 """
 
 import asyncio
-import os
 import base64
 import json
+import os
+import random
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import tools
 from apps import App
 from completions import Completion
 from events import AnswerTranslator
-from fake_dify import Drop, End, ErrorEvent, Event, Hang, Ping, Raw, Sleep, Start, Text
-import tools
+from fake_dify import Drop, End, ErrorEvent, Event, Hang, HttpError, Ping, Raw, Sleep, Start, Text
 from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
 from test_files import png
@@ -347,3 +349,47 @@ def test_an_800_kb_tool_call_costs_what_800_kb_of_text_costs():
     assert [kind for kind, _ in out] == ["tool_call"]
     assert json.loads(out[0][1]["arguments"])["text"] == "".join(body)
     assert call_time < 5 * text_time + 0.1, (call_time, text_time)
+
+
+# --- soak: many mixed requests with departures and faults leave nothing behind -----------------
+
+def open_descriptors():
+    return len(os.listdir("/proc/self/fd"))
+
+
+def soak_request(harness, rnd):
+    kind = rnd.choice(["stream", "stream", "plain", "leave_at_once", "leave_mid_answer", "unknown_model", "bad_body"])
+    if kind in ("stream", "plain", "unknown_model"):
+        body = chat_body(CHAT if kind != "unknown_model" else "No Such Model", stream=kind == "stream")
+        status, _, raw = harness.raw("POST", "/v1/chat/completions", body, timeout=15)
+        assert status < 500 or json.loads(raw)["error"]["code"] != "internal_error"
+    elif kind == "bad_body":
+        status, _, _ = harness.raw("POST", "/v1/chat/completions", b"{nope", timeout=15)
+        assert status == 400
+    else:
+        connection = send_request(harness, chat_body())
+        if kind == "leave_mid_answer":
+            connection.settimeout(15)
+            connection.recv(100)
+        connection.close()
+
+
+def test_soak_of_mixed_requests_with_departures_and_faults_leaves_nothing_behind(make_harness):
+    harness = make_harness(env={"DIFY_IDLE_TIMEOUT": "1", "KEEPALIVE_INTERVAL": "0.2"}, ping_interval=0)
+    rnd = random.Random(5)
+    faults = [[Text("a", "b"), End()], [Text("half"), Drop()], [Text("x"), ErrorEvent()],
+              [HttpError(503, "overloaded", "busy")], [Sleep(0.2), Text("late"), End()], [Text("stuck"), Hang()],
+              [Text(*["word "] * 200), End()]]
+
+    def batch(count):
+        for _ in range(count):
+            harness.dify.script(harness.key_of(CHAT), *rnd.choice(faults))
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda seed: soak_request(harness, random.Random(seed)), range(count)))
+        assert wait_for(lambda: harness.dify.active_streams == 0, timeout=10)
+        assert wait_for(lambda: not harness.proxy.heartbeat._streams and not harness.proxy.dify._streams, timeout=5)
+
+    batch(60)
+    warm = open_descriptors()
+    batch(200)
+    assert open_descriptors() <= warm + 8, "descriptors leaked"
