@@ -13,6 +13,7 @@ from tornado.ioloop import IOLoop
 
 import marks
 import memory
+import metrics
 import tasks
 import tools
 from apps import CHAT_FAMILY
@@ -126,6 +127,7 @@ class Completion:
         self._pending_error = None
         self._retried = False
         self._files = []
+        self.stopping = None  # the call telling Dify to stop the run, once made
         self._backlog = None  # events of a long burst still to translate, from _backlog_at on
         self._backlog_at = 0
 
@@ -521,7 +523,7 @@ class Completion:
         stream.close()
         task_id = stream.task_id
         if task_id and not self.translator.done:
-            IOLoop.current().spawn_callback(self._stop, task_id)
+            self.stopping = asyncio.ensure_future(self._stop(task_id))
 
     async def _discard(self, conversation_id):
         """A background task's one-shot Dify conversation is deleted once answered: it must not litter the
@@ -541,12 +543,14 @@ class Completion:
             log.warning("%s, and stopping the Dify task of model %r failed: %s", reason, self.request.model, error)
 
     def _dify_error(self, error):
+        metrics.dify_error(f"http_{error.status}")
         api = from_dify(error.status, error.code, error.message, self.request.model)
         if error.retry_after and api.retry_after is None:
             api.retry_after = error.retry_after
         return api
 
     def _failure_error(self, failure):
+        metrics.dify_error(failure.kind)
         model = self.request.model
         if failure.kind == "unreachable":
             return upstream_unreachable(model, failure.detail)
