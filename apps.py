@@ -10,6 +10,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+import metrics
 from dify_client import DifyError, StreamFailure
 
 log = logging.getLogger("opendify.apps")
@@ -99,6 +100,8 @@ class AppRegistry:
         self._refreshing = None
         self._last_refresh = 0.0
         self.failing = 0
+        self.reachable = False  # whether Dify answered any /info in the latest refresh
+        self.last_seen = None  # when it last did (time.time())
         self.rounds = 0  # completed /info rounds
         self.unreachable = None  # why Dify could not be reached on the last round, or None
 
@@ -162,6 +165,10 @@ class AppRegistry:
         self.rounds += 1
         known = dict(self._known)
         self.failing = sum(1 for described in results if described is None)
+        self.reachable = self.failing < len(self.keys)
+        if self.reachable:
+            self.last_seen = time.time()
+        metrics.model_refresh(len(self.keys) - self.failing, self.failing)
         for key, described in zip(self.keys, results):
             if described is not None:
                 known[key] = described

@@ -13,6 +13,7 @@ from tornado.ioloop import IOLoop
 
 import marks
 import memory
+import metrics
 import tasks
 import tools
 from apps import CHAT_FAMILY
@@ -22,7 +23,7 @@ from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken,
 from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
-from output_format import format_instructions
+from output_format import format_instructions, json_reply, wants_json
 
 log = logging.getLogger("opendify.completions")
 
@@ -99,8 +100,12 @@ class Completion:
         self.conversations = conversations if conversations is not None else ConversationCheck(dify)
         self.conversational = app.mode in CHAT_FAMILY
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
-        self.marks_replies = (marks and task is None and self.conversational and binding is not None and settings is not None
-                              and settings.conversation_memory_mode == 2)
+        self.reads_marks = (marks and task is None and self.conversational and binding is not None
+                            and settings is not None and settings.conversation_memory_mode == 2)
+        # A reply that must parse as JSON carries no mark: its conversation id is in X-Dify-Conversation-Id.
+        self.structured = wants_json(request.body.get("response_format"))
+        self.marks_replies = self.reads_marks and not self.structured
+        self._json_text = []
         self.plan = None
         try:
             self.tool_request = self._kept_tools(tools.tool_request(request.body))
@@ -122,6 +127,7 @@ class Completion:
         self._pending_error = None
         self._retried = False
         self._files = []
+        self.stopping = None  # the call telling Dify to stop the run, once made
         self._backlog = None  # events of a long burst still to translate, from _backlog_at on
         self._backlog_at = 0
 
@@ -142,7 +148,7 @@ class Completion:
         client offers tools, how to call them."""
         messages = self.request.messages
         explicit = self.request.conversation_id if self.conversational and self.task is None else ""
-        if self.marks_replies or explicit:
+        if self.reads_marks or explicit:
             self.plan = memory.plan_conversation(messages, self.binding, explicit)
             if self.plan.sits_on is not None:
                 await self._check_newest()
@@ -349,6 +355,8 @@ class Completion:
                 break
         if self.tool_parser is not None:
             pieces = self._parse_tools(pieces)
+        if self.structured:
+            pieces = self._hold_json(pieces)
         if self.marks_replies:
             self._remember(pieces)
             pieces = self._hold_trailing_space(pieces)
@@ -394,11 +402,29 @@ class Completion:
             if self.tool_request.legacy:
                 closing = self._legacy(closing)
             self.called_tools = self.tool_parser.called
+        if self.structured:
+            closing = self._hold_json(closing)
+            text = "".join(self._json_text)
+            if text:
+                closing.append((CONTENT, json_reply(text)))
         if self.marks_replies:
             self._remember(closing)
             closing = self._hold_trailing_space(closing)
             closing.append(self._mark_piece())
         return closing
+
+    def _hold_json(self, pieces):
+        """A reply asked for as JSON is held whole and sent once complete, repaired to parse
+        (output_format.json_reply); reasoning and tool calls pass as they come."""
+        out = []
+        for kind, value in pieces:
+            if kind is CONTENT:
+                self._json_text.append(value)
+            elif kind is REPLACE:
+                self._json_text = [value]
+            else:
+                out.append((kind, value))
+        return out
 
     def _hold_trailing_space(self, pieces):
         """Mode 2: whitespace at the end of the text so far waits, so the mark can be attached to the
@@ -497,7 +523,7 @@ class Completion:
         stream.close()
         task_id = stream.task_id
         if task_id and not self.translator.done:
-            IOLoop.current().spawn_callback(self._stop, task_id)
+            self.stopping = asyncio.ensure_future(self._stop(task_id))
 
     async def _discard(self, conversation_id):
         """A background task's one-shot Dify conversation is deleted once answered: it must not litter the
@@ -517,12 +543,14 @@ class Completion:
             log.warning("%s, and stopping the Dify task of model %r failed: %s", reason, self.request.model, error)
 
     def _dify_error(self, error):
+        metrics.dify_error(f"http_{error.status}")
         api = from_dify(error.status, error.code, error.message, self.request.model)
         if error.retry_after and api.retry_after is None:
             api.retry_after = error.retry_after
         return api
 
     def _failure_error(self, failure):
+        metrics.dify_error(failure.kind)
         model = self.request.model
         if failure.kind == "unreachable":
             return upstream_unreachable(model, failure.detail)

@@ -48,6 +48,10 @@ class Settings:
     smooth_streaming: bool = True
     smooth_max_lag: float = 0.4
     smooth_frame: float = 0.02
+    workers: int = 1
+    shutdown_grace: float = 5.0
+    metrics_key: str = field(default="", repr=False)
+    health_details: bool = False
     client_stall_timeout: float = 60.0
     client_tools: str = "all"
     client_tools_by_model: tuple = ()
@@ -98,6 +102,16 @@ def _tools_by_model(env):
                               "\"My App=off,Agent=forced\" with policies all, forced or off")
         pairs.append((model.strip(), policy))
     return tuple(pairs)
+
+
+def _workers(env):
+    """WORKERS: a number of processes, or `auto` for one per CPU."""
+    raw = env.get("WORKERS", "").strip().lower()
+    if raw == "auto":
+        return os.cpu_count() or 1
+    if raw and not raw.isdigit():
+        raise ConfigError(f"WORKERS={raw!r} is not a number: set it to a number of processes (1 to 256) or auto")
+    return _number(env, "WORKERS", 1, int, 1, 256)
 
 
 _PROXY_SCHEMES = ("http", "https", "socks4", "socks4a", "socks5", "socks5h")
@@ -190,6 +204,10 @@ def settings_from(env):
         smooth_streaming=_choice(env, "SMOOTH_STREAMING", "on", ("on", "off")) == "on",
         smooth_max_lag=_number(env, "SMOOTH_MAX_LAG_MS", 400, int, 0, 2000) / 1000,
         smooth_frame=_number(env, "SMOOTH_FRAME_MS", 20, int, 5, 100) / 1000,
+        workers=_workers(env),
+        shutdown_grace=_number(env, "SHUTDOWN_GRACE_S", 5.0, float, 0, 3600),
+        metrics_key=env.get("METRICS_KEY", "").strip(),
+        health_details=_choice(env, "HEALTH_DETAILS", "off", ("off", "on")) == "on",
         client_stall_timeout=_number(env, "CLIENT_STALL_TIMEOUT", 60.0, float, 0.1, 3600),
         client_tools=_choice(env, "CLIENT_TOOLS", "all", _TOOL_POLICIES),
         client_tools_by_model=_tools_by_model(env),

@@ -35,6 +35,7 @@ _THOUGHT_INPUT_LIMIT = 300
 _OBSERVATION_LIMIT = 500
 _DETAILS_LIMIT = 512
 _LEADING_TAG = re.compile(r"[ \t]*<")
+_ID = re.compile(r"[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}")
 _LINE_TAG = re.compile(r"\n[ \t]*<")
 _THINKING_DETAILS = re.compile(r"<details\b[^>]*>\s*<summary\b[^>]*>\s*Thinking[.…]*\s*</summary>", re.IGNORECASE)
 
@@ -366,9 +367,10 @@ class AnswerTranslator:
         return "content_filter" if self.replaced else "stop"
 
     def _learn_conversation(self, event):
-        """Every event of a chat run names its conversation: the first one that does tells it."""
+        """Every event of a chat run names its conversation: the first one that does tells it. Only a
+        UUID is taken: the id goes into a response header and a mode-2 mark."""
         found = event.get("conversation_id")
-        if found and found.__class__ is str:
+        if found and found.__class__ is str and _ID.fullmatch(found):
             self.conversation_id = found
 
     def _learn_message(self, event):

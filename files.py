@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from tornado.ioloop import IOLoop
 
+import metrics
 from dify_client import DifyError, StreamFailure
 from errors import APIError, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 
@@ -717,6 +718,7 @@ class Uploads:
     async def _upload_id(self, app, user, model, attachment):
         key = (app.key, user, attachment.digest, attachment.name, attachment.mime)
         cached = self.cache.get(key) if app.mode not in UNREFUSED_UPLOAD_MODES else None
+        metrics.upload(hit=cached is not None)
         if cached is not None:
             log.debug("model %r: %s already uploaded; reusing it", model, attachment.where)
             return cached

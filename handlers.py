@@ -12,6 +12,9 @@ import json
 import logging
 import time
 import uuid
+from urllib.parse import unquote
+
+import metrics
 
 from tornado.web import RequestHandler, stream_request_body
 
@@ -23,6 +26,7 @@ from dify_client import DifyClient
 from errors import APIError, generic
 from conversations import ConversationCheck
 from files import Uploads
+from lifecycle import InFlight, shutting_down
 from openai_api import (TextChunkEncoder, completion_body, model_object, new_completion_id, new_text_completion_id,
                         parse_body, parse_chat_request, parse_text_completion_request, text_completion_body)
 from streaming import EventStreamResponse, FrameClock, Heartbeat
@@ -47,6 +51,8 @@ class Proxy:
         self.uploads = Uploads.from_settings(self.dify, settings)
         self.conversations = ConversationCheck(self.dify)
         self.refresher = None
+        self.in_flight = InFlight()
+        self.draining = False
         self.client_keys = [(hashlib.sha256(key.encode()).digest(), client_id(secret, key))
                             for key in settings.valid_api_keys]
 
@@ -193,16 +199,32 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
     error, a client that leaves at any moment), its `finally` ends the run and stops watching the client."""
 
     completion = None
+    stream = None
     departed = False
 
     async def post(self):
         watch = DepartureWatch(self.request.connection.stream)
+        self.proxy.in_flight.add(self)
         try:
             await self.answer()
         finally:
             watch.stop()
+            self.proxy.in_flight.discard(self)
             if self.completion is not None:
                 self.completion.close()
+                if self.completion.stopping is not None:
+                    self.proxy.in_flight.track(self.completion.stopping)
+
+    def shut_down(self):
+        """The server is stopping and this answer ran past the grace period: a stream that started ends
+        with an error event and `[DONE]`, a request still waiting gets a 503; the Dify run is stopped."""
+        error = shutting_down()
+        if self.stream is not None and self.stream.committed:
+            self.stream.end(error)
+        elif not self._finished:
+            self.send_error(503, exc_info=(APIError, error, None))
+        if self.completion is not None:
+            self.completion.cancel()
 
     async def begin(self, request, completion_id):
         """Resolves the model and starts its Completion (early failures raise APIError); a client that
@@ -243,7 +265,8 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         request = parse_chat_request(parse_body(self.request.body))
         await self.begin(request, new_completion_id())
         if request.stream:
-            await EventStreamResponse(self, self.completion, self.proxy.heartbeat).run()
+            self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat)
+            await self.stream.run()
             self.tokens = self.completion.usage()
             return
         answer = await self.completion.collect()
@@ -271,7 +294,8 @@ class TextCompletionsHandler(ChatCompletionsHandler):
         await self.begin(request, new_text_completion_id())
         if request.stream:
             encoder = TextChunkEncoder(self.completion_id, request.model)
-            await EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder).run()
+            self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder)
+            await self.stream.run()
             self.tokens = self.completion.usage()
             return
         answer = await self.completion.collect()
@@ -292,9 +316,27 @@ def log_request(handler):
                   if tokens else "")
     error = getattr(handler, "error_code", None)
     level = logging.INFO if status < 500 else logging.WARNING
+    if getattr(handler, "probe", False) and status in (200, 503):
+        level = logging.DEBUG  # load balancers ask every few seconds; "not ready" is an answer, not a failure
+    metrics.request_done(model_label(handler, model), endpoint_label(handler), status, duration / 1000, tokens)
     access_log.log(level, "%s %s %s %d %.1fms%s%s%s", getattr(handler, "request_id", "-"), handler.request.method,
                    handler.request.path, status, duration, f" model={model!r}" if model else "", token_text,
                    f" error={error}" if error else "")
+
+
+def endpoint_label(handler):
+    """The route a request took, with its path arguments as placeholders (a bounded set of values)."""
+    if isinstance(handler, NotFoundHandler):
+        return "other"
+    path = unquote(handler.request.path)
+    for argument in handler.path_args or ():
+        path = path.replace(argument, "{id}")
+    return path
+
+
+def model_label(handler, model):
+    """A served model's id, else "-": a client's invented names must not each become a series."""
+    return model if isinstance(model, str) and handler.proxy.registry.get(model) is not None else "-"
 
 
 def routes():

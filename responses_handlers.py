@@ -56,7 +56,8 @@ class ResponsesHandler(ChatCompletionsHandler):
             await self.completion.start()
             if request.stream:
                 encoder = ResponseEventEncoder(self.describe, self.identified)
-                await EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder).run()
+                self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder)
+                await self.stream.run()
                 self.tokens = self.completion.usage()
                 return
             answer = await self.completion.collect()

@@ -24,6 +24,7 @@ from tornado.concurrent import Future
 from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.iostream import StreamClosedError
 
+import metrics
 from errors import APIError, generic
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from openai_api import ChunkEncoder
@@ -295,6 +296,7 @@ class EventStreamResponse:
         self.encoder = encoder or ChunkEncoder(handler.completion_id, completion.request.model)
         self.committed = False
         self.sent_text = False
+        self.timed = False  # whether the time to first token was recorded
         self.closed = False
         self.last_write = time.monotonic()
         self.frames = heartbeat.frames
@@ -308,9 +310,11 @@ class EventStreamResponse:
 
     async def run(self):
         self.heartbeat.add(self)
+        metrics.stream_opened()
         try:
             await self._relay()
         finally:
+            metrics.stream_closed()
             self.heartbeat.discard(self)
             if self.frames is not None:
                 self.frames.discard(self)
@@ -345,6 +349,13 @@ class EventStreamResponse:
         if completion.request.include_usage:
             tail += self.encoder.usage(completion.usage())
         self.send(tail + self.encoder.DONE)
+
+    def end(self, error):
+        """Ends the stream now with `error` (the server is stopping): what was paced, the error event and
+        `[DONE]`; nothing is written after it."""
+        self.fail(error)
+        self.closed = True
+        self._wake()
 
     def fail(self, error):
         """Ends a committed stream that failed, whatever the failure, with an error event and `[DONE]`
@@ -390,6 +401,10 @@ class EventStreamResponse:
 
     def relay(self, pieces):
         """Sends what is due of a batch of pieces now, and leaves the rest to the frame clock."""
+        if not self.timed:
+            self.timed = True
+            handler = self.handler
+            metrics.first_token(handler.model, handler.request.path, time.monotonic() - handler.started)
         if self.pacer is None:
             self.send(self.encode(pieces))
             return

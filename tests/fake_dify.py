@@ -1486,6 +1486,7 @@ class FakeDify:
         chatflow_end_order: str | None = None,
         ping_interval: float = 10.0,
         message_file_text: bool = False,
+        tls: Any = None,
     ) -> None:
         if (profile or "docs") not in PROFILES:
             raise ValueError(f"unknown Dify profile {profile!r}; known: {', '.join(PROFILES)}")
@@ -1504,6 +1505,7 @@ class FakeDify:
         self.chatflow_end_order = chatflow_end_order
         self.ping_interval = ping_interval
         self.message_file_text = message_file_text
+        self.tls = tls  # an ssl.SSLContext: serve HTTPS
 
         self.port = 0
         self.base_url = ""
@@ -1540,16 +1542,16 @@ class FakeDify:
 
     # ---- lifecycle (loop thread)
 
-    async def start(self) -> None:
-        """Bind 127.0.0.1 on an ephemeral port and serve on the current IOLoop."""
+    async def start(self, port: int = 0) -> None:
+        """Bind 127.0.0.1 on `port` (0: an ephemeral one) and serve on the current IOLoop."""
         app = Application([(r"(.*)", _DifyHandler, {"fake": self})], log_function=lambda _handler: None)
-        server = _CountingHTTPServer(app)
+        server = _CountingHTTPServer(app, ssl_options=self.tls)
         server.on_accept = self._count_connection
-        sockets = bind_sockets(0, "127.0.0.1")
+        sockets = bind_sockets(port, "127.0.0.1")
         server.add_sockets(sockets)
         self._server = server
         self.port = sockets[0].getsockname()[1]
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.base_url = f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}/v1"
 
     async def stop(self) -> None:
         """Stop listening, end every running script and close all connections."""

@@ -4,6 +4,9 @@ import json
 import os
 
 import pytest
+from agents import Agent, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
+from openai import AsyncOpenAI
+from pydantic import BaseModel
 
 import marks
 import memory
@@ -350,3 +353,83 @@ def test_real_chat_turns_are_not_tasks():
     assert task_kind(cherry) == "plain_title"
     assert local_answer("plain_title", cherry) == "How do tides work"
     assert task_kind(captured()[0]["messages"]) == "title"
+
+
+# --------------------------------------------------------------------------- structured output in mode 2
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+FENCED_PERSON = 'Here you go:\n```json\n{"name": "Ada", "age": 36,}\n```\nAnything else?'
+
+
+def test_structured_output_parses_in_mode_two_and_continues_by_header(make_harness):
+    harness = make_harness(env=MODE2)
+    harness.dify.script(harness.key_of(CHAT), Text(*FENCED_PERSON.partition("```")), End())
+    client = harness.client()
+    messages = [{"role": "user", "content": "Who wrote the first program?"}]
+    raw = client.chat.completions.with_raw_response.parse(model=CHAT, messages=messages, response_format=Person)
+    completion = raw.parse()
+    message = completion.choices[0].message
+    assert message.parsed == Person(name="Ada", age=36)
+    assert message.content == '{"name": "Ada", "age": 36}' and not marks.has_mark_characters(message.content)
+    sent = harness.chat_bodies()[-1]["query"]
+    assert sent.startswith("Who wrote the first program?\n\nReply with one valid JSON value") and '"age"' in sent
+    conversation = raw.headers["x-dify-conversation-id"]
+    assert conversation in harness.dify.conversations
+    harness.dify.script(harness.key_of(CHAT), Text('{"name": "Grace", "age": 85}'), End())
+    again = client.chat.completions.parse(
+        model=CHAT, messages=messages + [{"role": "assistant", "content": message.content},
+                                         {"role": "user", "content": "And the first compiler?"}],
+        response_format=Person, extra_headers={"X-Dify-Conversation-Id": conversation})
+    assert again.choices[0].message.parsed == Person(name="Grace", age=85)
+    body = harness.chat_bodies()[-1]
+    assert body["conversation_id"] == conversation and body["query"].startswith("And the first compiler?\n\n")
+
+
+def test_structured_output_streamed_arrives_whole_and_parses(make_harness):
+    harness = make_harness(env=MODE2)
+    harness.dify.script(harness.key_of(CHAT), Text(*FENCED_PERSON), End())
+    status, headers, raw = harness.raw("POST", "/v1/chat/completions", {
+        "model": CHAT, "stream": True, "messages": [{"role": "user", "content": "Who?"}],
+        "response_format": {"type": "json_object"}})
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in sse_events(raw)[:-1] if e["choices"])
+    assert json.loads(text) == {"name": "Ada", "age": 36} and headers["x-dify-conversation-id"]
+
+
+def test_agents_sdk_output_type_parses_in_mode_two(make_harness):
+    harness = make_harness(env=MODE2)
+    harness.dify.script(harness.key_of(CHAT), Text(FENCED_PERSON), End())
+    set_tracing_disabled(True)
+    model = OpenAIChatCompletionsModel(model=CHAT, openai_client=AsyncOpenAI(
+        base_url=harness.base_url, api_key=CLIENT_KEY, max_retries=0))
+    agent = Agent(name="Historian", instructions="Answer with facts.", model=model, output_type=Person)
+    result = Runner.run_sync(agent, "Who wrote the first program?")
+    assert result.final_output == Person(name="Ada", age=36)
+    assert harness.chat_bodies()[-1]["query"].count('"age"') >= 1, "the JSON Schema was asked of the model"
+
+
+def test_open_webui_tool_round_in_mode_two_sends_only_the_result(make_harness):
+    """Captured request 3: the assistant's tool call and the `role: tool` result, tools attached again."""
+    harness = make_harness(env=MODE2)
+    round_trip = captured()[2]["messages"]
+    call = round_trip[1]["tool_calls"][0]
+    harness.dify.script(harness.key_of(CHAT), Text("Let me look at the clock.\n<tool_call>\n"
+                                                   '{"name": "get_current_timestamp", "arguments": {}}\n</tool_call>'), End())
+    status, _, raw = harness.raw("POST", "/v1/chat/completions", {**captured()[1], "model": CHAT,
+                                                                  "messages": round_trip[:1]})
+    deltas = [e["choices"][0]["delta"] for e in sse_events(raw)[:-1] if e["choices"]]
+    content = "".join(d.get("content") or "" for d in deltas)
+    (streamed,) = [d["tool_calls"][0] for d in deltas if d.get("tool_calls") and d["tool_calls"][0].get("id")]
+    assert streamed["function"]["name"] == "get_current_timestamp" and marks.has_mark_characters(content)
+    assert marks.strip_marks(content) == "Let me look at the clock.\n"
+    # Open WebUI sends the round back as captured: its assistant turn (with our mark) and the tool result.
+    assistant = {**round_trip[1], "content": content, "tool_calls": [{**call, "id": streamed["id"]}]}
+    result = {**round_trip[2], "tool_call_id": streamed["id"]}
+    owui_chat_turn(harness, [round_trip[0], assistant, result])
+    sent = harness.chat_bodies()[-1]
+    assert sent["conversation_id"] in harness.dify.conversations and len(harness.dify.conversations) == 1
+    assert sent["query"].startswith('<tool_result id="%s" name="get_current_timestamp">' % streamed["id"])
+    assert "# Tools" not in sent["query"] and len(sent["query"]) < 400

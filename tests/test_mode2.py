@@ -53,6 +53,7 @@ def first_conversation(harness, model=CHAT):
     return next(cid for cid, (key, user) in harness.dify.conversations.items() if key == harness.key_of(model))
 
 
+@pytest.mark.real_difies
 def test_stream_carries_the_mark_as_one_chunk_before_finish(chat):
     status, headers, body = chat.raw("POST", "/v1/chat/completions", {
         "model": CHAT, "stream": True, "messages": [{"role": "user", "content": "hi"}]})

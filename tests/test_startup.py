@@ -20,7 +20,8 @@ def run_main(env, cwd, timeout=10):
 
 def clean_env(**values):
     env = {k: v for k, v in os.environ.items() if k not in (
-        "DIFY_API_KEYS", "DIFY_API_BASE", "VALID_API_KEYS", "SERVER_HOST", "SERVER_PORT", "CONVERSATION_MEMORY_MODE")}
+        "DIFY_API_KEYS", "DIFY_API_BASE", "VALID_API_KEYS", "SERVER_HOST", "SERVER_PORT", "CONVERSATION_MEMORY_MODE")
+        and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}  # the fake Dify is on loopback
     env.update(values)
     return env
 
