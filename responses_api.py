@@ -499,8 +499,6 @@ class ResponseEventEncoder:
         return b""
 
     def error(self, api_error):
-        out = self._start(force=True)
-        if self._open is not None:
-            out += self._close()
+        out = self._start(force=True) + self._close()
         response = self.describe(self.output, "failed", response_error(api_error))
         return out + self._event("response.failed", {"response": response})

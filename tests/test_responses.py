@@ -571,3 +571,16 @@ def test_a_long_user_and_a_tool_without_parameters(harness):
     assert harness.chat_bodies()[-1]["user"].endswith(":" + "u" * 64)
     strict(harness).responses.create(model=CHAT, input="more", previous_response_id=first.id)
     assert harness.chat_bodies()[-1]["user"].endswith(":" + "u" * 64)
+
+
+def test_input_image_as_a_data_url_is_uploaded_and_a_file_url_refused(harness):
+    data = "data:image/png;base64," + base64.b64encode(PNG).decode()
+    strict(harness).responses.create(model=CHAT, input=[{"role": "user", "content": [
+        {"type": "input_text", "text": "What is it?"}, {"type": "input_image", "image_url": data, "detail": "low"}]}])
+    (upload,) = harness.dify.uploads.values()
+    assert upload.data == PNG and harness.chat_bodies()[-1]["files"][0]["type"] == "image"
+    status, _, body = post(harness, {"input": [{"role": "user", "content": [
+        {"type": "input_file", "file_url": "https://files.example/report.pdf"}]}]})
+    error = json.loads(body)["error"]
+    assert status == 400 and "file_url is not supported" in error["message"]
+    assert error["param"] == "input[0].content[0].file_data"
