@@ -377,11 +377,12 @@ class EventStream(Exchange):
         run: the chunk is queued for `_deliver` on the loop. While the reader leaves events waiting (a
         client that is not reading), the transfer is paused right here, so libcurl stops reading Dify's
         connection at once; the chunk is kept by libcurl and written again when `_let_in` resumes.
+        Only while events wait: the bytes of one long event still arriving have no reader to let them in.
         (Tornado's own write callback buffers a megabyte per transfer before pausing, and resumes at
         the end of each delivery, so a stalled client could hold several megabytes.)"""
         if self._aborted:
             return None  # taken and dropped, so that the transfer runs on to its abort
-        if self._queued + self._incoming_size > _QUEUE_LIMIT:
+        if self._events and self._queued + self._incoming_size > _QUEUE_LIMIT:
             self.paused = True
             return pycurl.WRITEFUNC_PAUSE
         self._incoming.append(chunk)
@@ -536,6 +537,7 @@ class DifyClient:
     async def upload(self, key, filename, mime, data, user):
         boundary = uuid4().hex
         safe_name = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        mime = "".join(ch for ch in mime if " " < ch < "\x7f") or "application/octet-stream"  # a header value
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user}\r\n'
                 f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe_name}"\r\n'
                 f"Content-Type: {mime}\r\n\r\n").encode()
