@@ -58,6 +58,7 @@ class Settings:
     client_tools: str = "all"
     client_tools_by_model: tuple = ()
     task_model: str = ""
+    allow_private_urls: bool = False
 
     def client_tools_for(self, model):
         """The CLIENT_TOOLS policy for a model: its CLIENT_TOOLS_BY_MODEL entry, else CLIENT_TOOLS."""
@@ -216,6 +217,7 @@ def settings_from(env):
         client_tools=_choice(env, "CLIENT_TOOLS", "all", _TOOL_POLICIES),
         client_tools_by_model=_tools_by_model(env),
         task_model=env.get("TASK_MODEL", "").strip(),
+        allow_private_urls=_choice(env, "ALLOW_PRIVATE_URLS", "off", ("off", "on")) == "on",
     )
 
 
