@@ -206,24 +206,31 @@ class Completion:
         """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""
         return await self.uploads.attach(self.app, self.request.messages, self.user, self.request.model)
 
+    def inputs(self, query):
+        """(the inputs to send, the variable holding the message or None): the request's inputs checked
+        against the app's form, a 400 naming a bad one. Completion and workflow apps read the user's
+        text from a variable of their form; chat apps never do, so theirs do not depend on `query`."""
+        form = form_variables(self.app.parameters)
+        given = self.request.inputs
+        target = None
+        if self.app.mode in ("completion", "workflow"):
+            target = text_variable(form, given, self.settings.input_variable if self.settings else "")
+            if target is not None:
+                query = self._fitted(query, next((v for v in form or () if v.name == target), None))
+                given = {**given, target: query}
+            elif self.app.mode == "workflow":
+                log.debug("model %r: the workflow's input form has no free text variable; the message is not "
+                          "sent (its inputs are)", self.request.model)
+        parts = self._text_parts() if target is not None else ()
+        return check_inputs(form, given, target, parts), target
+
     def dify_request(self, query, files):
         """The Dify path and body for the app's mode. Completion and workflow apps read the user's text
         from their input form (a workflow has no `query` at all) and keep no conversation."""
         self.query_length = len(query)
         mode = self.app.mode
-        form = form_variables(self.app.parameters)
-        given = self.request.inputs
-        target = None
-        if mode in ("completion", "workflow"):
-            target = text_variable(form, given, self.settings.input_variable if self.settings else "")
-            if target is not None:
-                query = self._fitted(query, next((v for v in form or () if v.name == target), None))
-                given = {**given, target: query}
-            elif mode == "workflow":
-                log.debug("model %r: the workflow's input form has no free text variable; the message is not "
-                          "sent (its inputs are)", self.request.model)
-        parts = self._text_parts() if target is not None else ()
-        body = {"inputs": check_inputs(form, given, target, parts), "user": self.user, "response_mode": "streaming"}
+        inputs, target = self.inputs(query)
+        body = {"inputs": inputs, "user": self.user, "response_mode": "streaming"}
         if files:
             body["files"] = files
         if mode == "workflow":
@@ -259,10 +266,14 @@ class Completion:
     async def start(self):
         """Builds the Dify request and opens the stream; early failures raise APIError. A client that
         left while the files were uploading gets no run at all."""
-        query = await self.query()
-        files = await self.attachments()
-        self._files = files
-        path, body = self.dify_request(query, files)
+        # Everything checkable is checked before any Dify call (a conversation check, an upload): a chat app's
+        # inputs before its query is planned, a completion or workflow app's (one holds the message) with it.
+        if self.conversational:
+            self.inputs("")
+        path, body = self.dify_request(await self.query(), [])
+        self._files = await self.attachments()
+        if self._files:
+            body["files"] = self._files
         self._open(path, body)
 
     async def _check_conversation(self):

@@ -308,9 +308,10 @@ class EventStream(Exchange):
     def _hold_back(self, size):
         """Back-pressure: while the reader (a client that is not reading) leaves events waiting, libcurl
         stops reading Dify's connection; the reader's next take lets it in again. Paused again on
-        every read past the limit, because Tornado resumes a transfer it paused itself."""
+        every read past the limit, because Tornado resumes a transfer it paused itself. Only while events
+        wait: the bytes of one long event still arriving have no reader to let them in."""
         self._queued += size
-        if self._queued > _QUEUE_LIMIT and self._transfer_running():
+        if self._queued > _QUEUE_LIMIT and self._events and self._transfer_running():
             self.paused = True
             try:
                 self._curl.pause(pycurl.PAUSE_RECV)
@@ -518,6 +519,7 @@ class DifyClient:
     async def upload(self, key, filename, mime, data, user):
         boundary = uuid4().hex
         safe_name = filename.replace('"', "_").replace("\r", "_").replace("\n", "_")
+        mime = "".join(ch for ch in mime if " " < ch < "\x7f") or "application/octet-stream"  # a header value
         head = (f'--{boundary}\r\nContent-Disposition: form-data; name="user"\r\n\r\n{user}\r\n'
                 f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="{safe_name}"\r\n'
                 f"Content-Type: {mime}\r\n\r\n").encode()

@@ -11,7 +11,7 @@ from tornado.web import HTTPError
 
 class APIError(HTTPError):
     def __init__(self, status, message, type="invalid_request_error", code=None, param=None,
-                 retry=None, retry_after=None):
+                 retry=None, retry_after=None, headers=None):
         super().__init__(status)
         self.message = message
         self.type = type
@@ -19,12 +19,13 @@ class APIError(HTTPError):
         self.param = param
         self.retry = retry
         self.retry_after = retry_after
+        self.extra_headers = headers or {}
 
     def body(self):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def headers(self):
-        headers = {}
+        headers = dict(self.extra_headers)
         if self.retry is not None:
             headers["x-should-retry"] = "true" if self.retry else "false"
         if self.retry_after is not None:
@@ -37,6 +38,11 @@ class APIError(HTTPError):
 
 def bad_request(message, param=None, code=None):
     return APIError(400, message, param=param, code=code)
+
+
+def unauthorized(message):
+    """A 401 with the challenge RFC 9110 requires: the scheme the client must use."""
+    return APIError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="OpenDify"'})
 
 
 def generic(status, reason):

@@ -173,12 +173,20 @@ def parse_data_url(url):
     params = url[5:comma].split(";")
     if params[-1].strip().lower() != "base64":
         raise ValueError("only base64 data URLs are supported (data:<type>;base64,<data>)")
+    mime = params[0].strip().lower()
+    if mime and not _MIME_TYPE.fullmatch(mime):
+        raise ValueError(f"its media type {mime[:40]!r} is not a type/subtype like image/png")
     name = ""
     for param in params[1:-1]:
         key, _, value = param.partition("=")
         if key.strip().lower() in ("name", "filename"):
             name = unquote(value.strip())
-    return DataURL(params[0].strip().lower(), name, url, comma + 1)
+    return DataURL(mime, name, url, comma + 1)
+
+
+# RFC 6838 names: the type may go into the Content-Type of the part uploaded to Dify, so nothing else
+# (a CR/LF would inject a header) is let through.
+_MIME_TYPE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+-]{0,126}/[a-z0-9][a-z0-9!#$&^_.+-]{0,126}")
 
 
 def decoded_size(text, start=0):

@@ -16,6 +16,7 @@ from urllib.parse import unquote
 
 import metrics
 
+from tornado.ioloop import IOLoop
 from tornado.web import RequestHandler, stream_request_body
 
 from apps import AppRegistry
@@ -23,12 +24,13 @@ from completions import Completion, LocalAnswer, client_id, dify_user
 from memory import Binding
 from departures import DepartureWatch
 from dify_client import DifyClient
-from errors import APIError, generic
+from errors import APIError, generic, unauthorized
 from conversations import ConversationCheck
 from files import Uploads
 from lifecycle import InFlight, shutting_down
-from openai_api import (TextChunkEncoder, completion_body, model_object, new_completion_id, new_text_completion_id,
-                        parse_body, parse_chat_request, parse_text_completion_request, text_completion_body)
+from openai_api import (LARGE_BODY_BYTES, TextChunkEncoder, completion_body, json_bytes, model_object,
+                        new_completion_id, new_text_completion_id, parse_body, parse_chat_request,
+                        parse_text_completion_request, text_completion_body)
 from streaming import EventStreamResponse, FrameClock, Heartbeat
 from tasks import local_answer, task_kind
 
@@ -104,11 +106,11 @@ class BaseHandler(RequestHandler):
         scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
-            raise APIError(401, "Missing API key: send 'Authorization: Bearer <key>' with a key from the "
-                                "server's VALID_API_KEYS.", code="invalid_api_key")
+            raise unauthorized("Missing API key: send 'Authorization: Bearer <key>' with a key from the "
+                               "server's VALID_API_KEYS.")
         self.client = self.proxy.client_for(token)
         if self.client is None:
-            raise APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+            raise unauthorized("Incorrect API key provided.")
 
     def options(self, *args):
         self.set_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
@@ -120,7 +122,7 @@ class BaseHandler(RequestHandler):
         self.finish()
 
     def write_json(self, data):
-        self.finish(json.dumps(data, ensure_ascii=False))
+        self.finish(json_bytes(data))
 
     def write_error(self, status_code, **kwargs):
         error = kwargs.get("exc_info", (None, None, None))[1]
@@ -129,8 +131,15 @@ class BaseHandler(RequestHandler):
         self.error_code = error.code
         for name, value in error.headers().items():
             self.set_header(name, value)
+        if status_code == 405:
+            self.set_header("Allow", ", ".join(self.allowed_methods()))
         self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps(error.body(), ensure_ascii=False))
+        self.finish(json_bytes(error.body()))
+
+    def allowed_methods(self):
+        """The methods this handler implements (RFC 9110 requires them in a 405's `Allow`)."""
+        return [method for method in self.SUPPORTED_METHODS
+                if getattr(type(self), method.lower()) is not getattr(RequestHandler, method.lower())]
 
 
 class NotFoundHandler(BaseHandler):
@@ -166,23 +175,54 @@ def model_not_found(model_id, registry):
 
 class BoundedBody:
     """Takes a request body as it arrives and refuses one over MAX_REQUEST_MB with a 413 in OpenAI shape,
-    having buffered no more than the limit (Tornado's own limit would answer a bare 400 and hang up)."""
+    having buffered no more than the limit (Tornado's own limit would answer a bare 400 and hang up).
+
+    A request refused before its body was read (a wrong key, a body too large) keeps its connection
+    usable: SDKs pool connections, and a response sent while the body is still arriving leaves the
+    rest of the body to be read as the next request (or the connection reset under the client). So
+    a body of declared length up to twice MAX_REQUEST_MB is read and dropped and the error answered
+    after it; a larger or chunked one is answered at once with `Connection: close`."""
+
+    refusal = None
+    body_read = False
+    answered = False
 
     def prepare(self):
         self.request.connection.set_max_body_size(_UNLIMITED)  # the limit is enforced here instead
-        super().prepare()
         self.request.body = bytearray()
+        limit = self.proxy.settings.max_request_bytes
         declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.proxy.settings.max_request_bytes:
-            raise body_too_large(self.proxy.settings.max_request_bytes)
+        declared = int(declared) if declared.isdigit() else None
+        try:
+            super().prepare()
+            if declared is not None and declared > limit:
+                raise body_too_large(limit)
+        except APIError as error:
+            if declared is None or declared > 2 * limit:
+                raise
+            self.refusal = error
 
     def data_received(self, chunk):
+        if self.refusal is not None:
+            return  # a refused body of a declared, bounded length: read and dropped
         limit = self.proxy.settings.max_request_bytes
-        if len(self.request.body) + len(chunk) > limit:
-            error = body_too_large(limit)
-            self.send_error(413, exc_info=(APIError, error, None))
+        if len(self.request.body) + len(chunk) > limit:  # only a chunked body, of no declared length, gets here
+            if not self.answered:
+                self.answered = True
+                self.send_error(413, exc_info=(APIError, body_too_large(limit), None))
         else:
             self.request.body += chunk
+
+    def refuse_unread(self):
+        """Called first once the body is in: answers the refusal found while it was arriving."""
+        self.body_read = True
+        if self.refusal is not None:
+            raise self.refusal
+
+    def write_error(self, status_code, **kwargs):
+        if not self.body_read:
+            self.set_header("Connection", "close")  # the rest of the body is not read: this connection ends
+        super().write_error(status_code, **kwargs)
 
 
 _UNLIMITED = 1 << 62
@@ -203,6 +243,7 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
     departed = False
 
     async def post(self):
+        self.refuse_unread()
         watch = DepartureWatch(self.request.connection.stream)
         self.proxy.in_flight.add(self)
         try:
@@ -248,6 +289,14 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             self.completion.cancel()
         await self.completion.start()
 
+    async def read_request(self, parse_request):
+        """The request from the body; a large body is decoded in an executor thread, so that other
+        requests keep flowing while it is parsed (see openai_api.parse_body)."""
+        raw = self.request.body
+        if len(raw) <= LARGE_BODY_BYTES:
+            return parse_request(parse_body(raw))
+        return await IOLoop.current().run_in_executor(None, lambda: parse_request(parse_body(raw)))
+
     async def task_runner(self, app, task, messages):
         """(app, Completion class) for a background task under TASK_MODEL: the requested app (empty), the
         proxy itself (`local`, when it can answer that task), or the named model."""
@@ -262,7 +311,7 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         return app, Completion
 
     async def answer(self):
-        request = parse_chat_request(parse_body(self.request.body))
+        request = await self.read_request(parse_chat_request)
         await self.begin(request, new_completion_id())
         if request.stream:
             self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat)
@@ -290,7 +339,7 @@ class TextCompletionsHandler(ChatCompletionsHandler):
     run like a one-message chat and answered in the text_completion shape."""
 
     async def answer(self):
-        request = parse_text_completion_request(parse_body(self.request.body))
+        request = await self.read_request(parse_text_completion_request)
         await self.begin(request, new_text_completion_id())
         if request.stream:
             encoder = TextChunkEncoder(self.completion_id, request.model)

@@ -4,9 +4,16 @@ Parsing is lenient by design: every documented field and any unknown one is acce
 ignored where Dify cannot honour it, because real clients (Cherry Studio, LibreChat, Roo
 Code) send extras and break on proxies that reject them. Only `model` and `messages` can
 make a request invalid.
+
+This is the edge: the body is decoded, bounded in depth, cleaned of lone surrogates and
+its messages normalised here, once, so everything behind it can trust their shapes. A
+shape whose intent is clear is read tolerantly (a null `name` is no name, a string part is
+a text part); any other is a 400 whose `param` names the field, like
+`messages[2].tool_calls[0].function`.
 """
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,14 +36,182 @@ class ChatRequest:
     body: dict = field(default_factory=dict, repr=False)
 
 
+# Deeper than any real request (tool schemas included); deeper bodies would exhaust the recursion of
+# the code behind the edge (json.dumps, the tool code) and are refused instead.
+MAX_NESTING = 100
+# Bodies larger than this are decoded off the event loop (see `parse_body`).
+LARGE_BODY_BYTES = 1 << 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _object(pairs):
+    """json's object hook. A Python function on purpose: the decoder calls it for every object, and
+    each call lets the interpreter hand the GIL to the event loop, so decoding a large body in an
+    executor thread never holds the loop for longer than one object (json.loads alone would)."""
+    return dict(pairs)
+
+
 def parse_body(raw):
+    """The body's JSON object, no deeper than MAX_NESTING, with lone surrogates (which no encoder
+    can write) replaced by U+FFFD. Large bodies are meant to be decoded in an executor thread."""
     try:
-        body = json.loads(raw or b"")
+        body = json.loads(raw or b"", object_pairs_hook=_object)
+    except RecursionError:
+        raise too_deep()
     except (ValueError, UnicodeDecodeError):
         raise bad_request("The request body is not valid JSON.", code="invalid_json")
     if not isinstance(body, dict):
         raise bad_request("The request body must be a JSON object.", code="invalid_json")
-    return body
+    return clean_json(body)
+
+
+def too_deep():
+    return bad_request(f"The request body is nested deeper than {MAX_NESTING} levels.", code="invalid_json")
+
+
+def clean_string(text):
+    """`text` with lone surrogates replaced by U+FFFD (a decoded JSON string keeps valid pairs joined)."""
+    if text.isascii():
+        return text
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return _SURROGATE.sub("\ufffd", text)
+    return text
+
+
+def clean_json(value):
+    """Walks decoded JSON without recursion: refuses nesting past MAX_NESTING and cleans every string,
+    keys included, in place."""
+    stack = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise too_deep()
+        if isinstance(node, dict):
+            if not all(clean_string(key) is key for key in node):
+                items = list(node.items())
+                node.clear()
+                node.update((clean_string(key), item) for key, item in items)
+            entries = node.items()
+        else:
+            entries = enumerate(node)
+        for key, item in entries:
+            if isinstance(item, str):
+                cleaned = clean_string(item)
+                if cleaned is not item:
+                    node[key] = cleaned
+            elif isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+    return value
+
+
+# --- messages ------------------------------------------------------------------------------------
+
+TEXT_PARTS = ("text", "input_text", "output_text")
+
+
+def _refuse(param, message, code="invalid_type"):
+    return bad_request(f"{param} {message}", param=param, code=code)
+
+
+def _optional_string(message, key, where):
+    """A string field that may be absent or null (both read as absent)."""
+    value = message.get(key)
+    if value is None:
+        message.pop(key, None)
+    elif not isinstance(value, str):
+        raise _refuse(f"{where}.{key}", f"must be a string; got {type(value).__name__}.")
+
+
+def normalise_part(part, where):
+    """One content part: a string is a text part; a text part's missing text is empty; any other part
+    must be an object with a string `type` (attachments are checked by files.py when they are sent)."""
+    if isinstance(part, str):
+        return {"type": "text", "text": part}
+    if not isinstance(part, dict):
+        raise _refuse(where, "must be a content part object like {\"type\": \"text\", \"text\": \"...\"}.")
+    kind = part.get("type")
+    if kind is None and isinstance(part.get("text"), str):
+        kind = "text"
+    if not isinstance(kind, str) or not kind:
+        raise _refuse(f"{where}.type", "must be a string naming the part's type (text, image_url, file, ...).")
+    part = {**part, "type": kind}
+    if kind in TEXT_PARTS or kind == "refusal":
+        key = "refusal" if kind == "refusal" else "text"
+        if part.get(key) is None:
+            part[key] = ""
+        elif not isinstance(part[key], str):
+            raise _refuse(f"{where}.{key}", f"must be a string; got {type(part[key]).__name__}.")
+    return part
+
+
+def normalise_content(content, where):
+    """Message content: null, a string, or a list of parts (each normalised)."""
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return [normalise_part(part, f"{where}[{index}]") for index, part in enumerate(content)]
+    raise _refuse(where, "must be a string, an array of content parts or null.")
+
+
+def normalise_function(function, where):
+    """A called function {name, arguments}: arguments given as JSON rather than a string are encoded,
+    missing ones are empty."""
+    if not isinstance(function, dict):
+        raise _refuse(where, "must be an object with 'name' and 'arguments'.")
+    name = function.get("name")
+    if not isinstance(name, str) or not name:
+        raise _refuse(f"{where}.name", "must be the called function's name (a non-empty string).")
+    arguments = function.get("arguments")
+    if arguments is None:
+        arguments = ""
+    elif isinstance(arguments, (dict, list)):
+        arguments = json.dumps(arguments, ensure_ascii=False)
+    elif not isinstance(arguments, str):
+        raise _refuse(f"{where}.arguments", "must be a string of JSON arguments.")
+    return {**function, "name": name, "arguments": arguments}
+
+
+def normalise_tool_call(call, where):
+    if not isinstance(call, dict):
+        raise _refuse(where, "must be a tool call object with 'id', 'type' and 'function'.")
+    call = {**call, "function": normalise_function(call.get("function"), f"{where}.function")}
+    _optional_string(call, "id", where)
+    return call
+
+
+def normalise_message(message, where):
+    """One chat message in the shapes the rest of the proxy relies on (a new dict; the input is kept)."""
+    if not isinstance(message, dict):
+        raise _refuse(where, "must be an object.")
+    role = message.get("role")
+    if role not in ROLES:
+        raise bad_request(f"{where}.role must be one of {', '.join(ROLES)}; got {role!r}.",
+                          param=f"{where}.role", code="invalid_value")
+    message = {**message, "content": normalise_content(message.get("content"), f"{where}.content")}
+    for key in ("name", "tool_call_id"):
+        _optional_string(message, key, where)
+    calls = message.get("tool_calls")
+    if calls is None or calls == []:
+        message.pop("tool_calls", None)
+    elif isinstance(calls, list):
+        message["tool_calls"] = [normalise_tool_call(call, f"{where}.tool_calls[{index}]")
+                                 for index, call in enumerate(calls)]
+    else:
+        raise _refuse(f"{where}.tool_calls", "must be an array of tool calls.")
+    if message.get("function_call") is None:
+        message.pop("function_call", None)
+    else:
+        message["function_call"] = normalise_function(message["function_call"], f"{where}.function_call")
+    return message
+
+
+def normalise_messages(messages):
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("'messages' is required and must be a non-empty array of messages.",
+                          param="messages", code="invalid_value")
+    return [normalise_message(message, f"messages[{index}]") for index, message in enumerate(messages)]
 
 
 def parse_chat_request(body):
@@ -45,22 +220,7 @@ def parse_chat_request(body):
     if not isinstance(model, str) or not model.strip():
         raise bad_request("'model' is required and must be a non-empty string naming a model "
                           "from GET /v1/models.", param="model", code="invalid_value")
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise bad_request("'messages' is required and must be a non-empty array of messages.",
-                          param="messages", code="invalid_value")
-    for index, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise bad_request(f"messages[{index}] must be an object.", param=f"messages[{index}]",
-                              code="invalid_type")
-        role = message.get("role")
-        if role not in ROLES:
-            raise bad_request(f"messages[{index}].role must be one of {', '.join(ROLES)}; got {role!r}.",
-                              param=f"messages[{index}].role", code="invalid_value")
-        content = message.get("content")
-        if content is not None and not isinstance(content, (str, list)):
-            raise bad_request(f"messages[{index}].content must be a string, an array of parts or null.",
-                              param=f"messages[{index}].content", code="invalid_type")
+    messages = normalise_messages(body.get("messages"))
     options = body.get("stream_options")
     user = next((body[k] for k in ("user", "safety_identifier", "prompt_cache_key")
                  if isinstance(body.get(k), str) and body[k]), "")
@@ -74,7 +234,7 @@ def parse_chat_request(body):
         user=user,
         inputs=inputs if isinstance(inputs, dict) else {},
         conversation_id=conversation_id if isinstance(conversation_id, str) else "",
-        body=body,
+        body={**body, "messages": messages},
     )
 
 
@@ -138,6 +298,16 @@ def text_completion_body(completion_id, created, model, text, finish_reason, usa
         "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": text_finish_reason(finish_reason)}],
         "usage": usage_object(usage),
     }
+
+
+def json_bytes(data):
+    """A JSON document as UTF-8; \\u escapes for anything UTF-8 cannot carry (a lone surrogate in text
+    that did not come through the edge, such as a URL path), so an answer can always be written."""
+    text = json.dumps(data, ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data).encode()
 
 
 def json_string(text):

@@ -258,10 +258,6 @@ def tool_request(body):
 
 # --------------------------------------------------------------------------- instructions
 
-def _one_line(text):
-    return " ".join(str(text).split()) if text else ""
-
-
 def _dump(value):
     return json.dumps(value, ensure_ascii=False)
 
@@ -319,10 +315,6 @@ def _first_sentence(text, limit):
     return sentence if len(sentence) <= limit else sentence[:limit - 1].rstrip() + "…"
 
 
-def _literal(value):
-    return _dump(value)
-
-
 class _Catalogue:
     """Writes one tool's parameters tersely: `name: type`, `?` when optional, `= default`.
     Objects nested up to _INLINE_DEPTH are written inline as `{key: type}`; anything the terse
@@ -338,9 +330,9 @@ class _Catalogue:
         if depth > 6:
             return "object" if _types(schema) == ["object"] else "any"
         if "const" in schema:
-            return _literal(schema["const"])
+            return _dump(schema["const"])
         if isinstance(schema.get("enum"), list) and schema["enum"]:
-            return "|".join(_literal(value) for value in schema["enum"])
+            return "|".join(_dump(value) for value in schema["enum"])
         branches = schema.get("anyOf") or schema.get("oneOf")
         if isinstance(branches, list) and branches and not _types(schema):
             return "|".join(dict.fromkeys(self.type_text(branch, path, depth + 1) for branch in branches))
@@ -392,7 +384,7 @@ class _Catalogue:
             sub = _deref(sub, self.root)
             text = f"{name}{'' if name in required else '?'}: {self.type_text(sub, f'{path}.{name}' if path else name, depth)}"
             if "default" in sub and sub["default"] is not None:
-                text += " = " + _literal(sub["default"])
+                text += " = " + _dump(sub["default"])
             out.append(text)
         return out
 

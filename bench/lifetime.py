@@ -14,7 +14,8 @@ is how long the proxy's loop was blocked. Figures:
 2. answers of 800 KB (40,000 events) from a chat app and from an agent app: proxy CPU and
    the longest probe answer;
 3. stalled readers: 20 clients ask for 8 MB answers and read nothing for a while; the proxy's
-   RSS growth while they stall and after they leave, and its open descriptors;
+   RSS growth while they stall and after they leave, and its open descriptors; then the same
+   again (the first round includes the allocator's one-time growth);
 4. soak: thousands of mixed requests (streams, non-streams, clients leaving at once or mid-
    answer, unknown models, bad bodies), several at a time: RSS and open descriptors after a
    warm-up and at the end.
@@ -282,6 +283,7 @@ async def bench(folders, quick):
             results[name]["answer_agent"] = await figure_answer(proxy, "Bench Agent", answer)
         for name, proxy in proxies.items():
             results[name]["stalled"] = await figure_stalled(proxy, *stalled)
+            results[name]["stalled_again"] = await figure_stalled(proxy, *stalled)
         for name, proxy in proxies.items():
             results[name]["soak"] = await figure_soak(proxy, *soak)
     finally:

@@ -409,3 +409,27 @@ def test_agents_sdk_output_type_parses_in_mode_two(make_harness):
     result = Runner.run_sync(agent, "Who wrote the first program?")
     assert result.final_output == Person(name="Ada", age=36)
     assert harness.chat_bodies()[-1]["query"].count('"age"') >= 1, "the JSON Schema was asked of the model"
+
+
+def test_open_webui_tool_round_in_mode_two_sends_only_the_result(make_harness):
+    """Captured request 3: the assistant's tool call and the `role: tool` result, tools attached again."""
+    harness = make_harness(env=MODE2)
+    round_trip = captured()[2]["messages"]
+    call = round_trip[1]["tool_calls"][0]
+    harness.dify.script(harness.key_of(CHAT), Text("Let me look at the clock.\n<tool_call>\n"
+                                                   '{"name": "get_current_timestamp", "arguments": {}}\n</tool_call>'), End())
+    status, _, raw = harness.raw("POST", "/v1/chat/completions", {**captured()[1], "model": CHAT,
+                                                                  "messages": round_trip[:1]})
+    deltas = [e["choices"][0]["delta"] for e in sse_events(raw)[:-1] if e["choices"]]
+    content = "".join(d.get("content") or "" for d in deltas)
+    (streamed,) = [d["tool_calls"][0] for d in deltas if d.get("tool_calls") and d["tool_calls"][0].get("id")]
+    assert streamed["function"]["name"] == "get_current_timestamp" and marks.has_mark_characters(content)
+    assert marks.strip_marks(content) == "Let me look at the clock.\n"
+    # Open WebUI sends the round back as captured: its assistant turn (with our mark) and the tool result.
+    assistant = {**round_trip[1], "content": content, "tool_calls": [{**call, "id": streamed["id"]}]}
+    result = {**round_trip[2], "tool_call_id": streamed["id"]}
+    owui_chat_turn(harness, [round_trip[0], assistant, result])
+    sent = harness.chat_bodies()[-1]
+    assert sent["conversation_id"] in harness.dify.conversations and len(harness.dify.conversations) == 1
+    assert sent["query"].startswith('<tool_result id="%s" name="get_current_timestamp">' % streamed["id"])
+    assert "# Tools" not in sent["query"] and len(sent["query"]) < 400

@@ -54,6 +54,7 @@ def leave(connection, after=0.3):
 
 # --- a client that leaves -----------------------------------------------------------------------
 
+@pytest.mark.real_difies
 @pytest.mark.parametrize("stream", [True, False])
 @pytest.mark.parametrize("extra", [b"", b"\r\n"], ids=["body", "bytes-after-body"])
 def test_a_client_that_leaves_while_dify_is_silent_is_noticed_at_once(make_harness, stream, extra):
@@ -80,6 +81,7 @@ def test_a_responses_client_that_leaves_while_dify_is_silent_stops_the_run(make_
     assert wait_for(lambda: harness.dify.active_streams == 0)
 
 
+@pytest.mark.real_difies
 def test_a_client_that_leaves_before_dify_names_the_task_stops_it_at_its_first_event(make_harness):
     harness = make_harness(ping_interval=0)
     harness.dify.script(harness.key_of(FLOW), Sleep(1.0), Start(), Sleep(25), End())
@@ -133,6 +135,7 @@ def test_an_unexpected_failure_after_the_stream_started_ends_it_with_an_error(ha
     assert wait_for(lambda: harness.dify.stops and harness.dify.active_streams == 0)
 
 
+@pytest.mark.real_difies
 def test_a_dify_run_silent_past_the_idle_timeout_is_stopped(make_harness):
     harness = make_harness(env={"DIFY_IDLE_TIMEOUT": "0.4", "KEEPALIVE_INTERVAL": "0.1"}, ping_interval=60)
     harness.dify.script(harness.key_of(CHAT), Text("thinking"), Hang())
@@ -147,6 +150,7 @@ def test_a_dify_run_silent_past_the_idle_timeout_is_stopped(make_harness):
 
 # --- the conversation id header on streamed turns -----------------------------------------------
 
+@pytest.mark.real_difies
 def test_streamed_turns_carry_the_conversation_id_when_the_answer_comes_in_several_reads(make_harness):
     harness = make_harness(env=MODE2)
     harness.dify.script(harness.key_of(CHAT), Text("first"), Sleep(0.1), Text(" second"), Sleep(0.1), End())
@@ -155,6 +159,7 @@ def test_streamed_turns_carry_the_conversation_id_when_the_answer_comes_in_sever
     assert headers.get("x-dify-conversation-id") in harness.dify.conversations
 
 
+@pytest.mark.real_difies
 def test_a_conversation_id_learned_after_the_keepalive_is_sent_as_a_comment(make_harness):
     harness = make_harness(env={**MODE2, "KEEPALIVE_INTERVAL": "0.1"}, ping_interval=0)
     harness.dify.script(harness.key_of(CHAT), Sleep(0.5), Text("late"), End())
