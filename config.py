@@ -216,11 +216,15 @@ def settings_from(env):
 
 
 def load_settings(env_file=None):
-    """Reads `.env` (from the working directory, else beside this file) under the real environment."""
+    """Settings from the real environment over a `.env` file: ENV_FILE when set (a missing one is an
+    error), else `.env` in the working directory. Never the one beside this file: a server started
+    from elsewhere (a test, a second instance) must not pick up whatever a developer's checkout holds."""
     if env_file is None:
-        env_file = Path.cwd() / ".env"
-        if not env_file.exists():
-            env_file = Path(__file__).with_name(".env")
-    merged = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if Path(env_file).exists() else {}
+        named = os.environ.get("ENV_FILE", "").strip()
+        if named and not Path(named).is_file():
+            raise ConfigError(f"ENV_FILE={named!r} is not a file: point it at your settings file, or unset it to "
+                              "read .env from the working directory")
+        env_file = Path(named) if named else Path.cwd() / ".env"
+    merged = {k: v for k, v in dotenv_values(env_file).items() if v is not None} if Path(env_file).is_file() else {}
     merged.update(os.environ)
     return settings_from(merged)

@@ -7,6 +7,7 @@ import sys
 import time
 
 import openai
+import pytest
 
 from support import CLIENT_KEY
 
@@ -20,7 +21,8 @@ def run_main(env, cwd, timeout=10):
 
 def clean_env(**values):
     env = {k: v for k, v in os.environ.items() if k not in (
-        "DIFY_API_KEYS", "DIFY_API_BASE", "VALID_API_KEYS", "SERVER_HOST", "SERVER_PORT", "CONVERSATION_MEMORY_MODE")
+        "DIFY_API_KEYS", "DIFY_API_BASE", "VALID_API_KEYS", "SERVER_HOST", "SERVER_PORT", "CONVERSATION_MEMORY_MODE",
+        "ENV_FILE")
         and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}  # the fake Dify is on loopback
     env.update(values)
     return env
@@ -31,6 +33,44 @@ def test_missing_client_keys_stop_startup_with_one_clear_line(tmp_path):
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "VALID_API_KEYS" in lines[0] and "will not start" in lines[0]
+
+
+@pytest.fixture
+def project_env_file():
+    """A `.env` in the project directory, as the README's first command makes (a developer's own is
+    put back afterwards)."""
+    path = os.path.join(ROOT, ".env")
+    saved = open(path, "rb").read() if os.path.exists(path) else None
+    with open(path, "w") as file:
+        file.write("DIFY_API_KEYS=app-from-project\nDIFY_API_BASE=http://127.0.0.1:9/v1\nVALID_API_KEYS=k\n"
+                   "CONVERSATION_MEMORY_MODE=8\n")
+    yield path
+    if saved is None:
+        os.remove(path)
+    else:
+        with open(path, "wb") as file:
+            file.write(saved)
+
+
+def test_the_project_env_file_is_not_read_from_another_directory(tmp_path, project_env_file):
+    result = run_main(clean_env(DIFY_API_KEYS="app-x", DIFY_API_BASE="http://127.0.0.1:9/v1"), tmp_path)
+    assert result.returncode == 2 and "VALID_API_KEYS is empty" in result.stderr
+
+
+def test_the_project_env_file_is_read_when_started_there(project_env_file):
+    result = run_main(clean_env(), ROOT)
+    assert result.returncode == 2 and "CONVERSATION_MEMORY_MODE='8'" in result.stderr
+
+
+def test_env_file_names_the_settings_file(tmp_path, project_env_file):
+    named = tmp_path / "opendify.env"
+    named.write_text("DIFY_API_KEYS=app-x\nDIFY_API_BASE=http://127.0.0.1:9/v1\nVALID_API_KEYS=k\n"
+                     "CONVERSATION_MEMORY_MODE=6\n")
+    (tmp_path / ".env").write_text("CONVERSATION_MEMORY_MODE=7\n")
+    result = run_main(clean_env(ENV_FILE=str(named)), ROOT)
+    assert result.returncode == 2 and "CONVERSATION_MEMORY_MODE='6'" in result.stderr
+    result = run_main(clean_env(ENV_FILE=str(tmp_path / "missing.env")), tmp_path)
+    assert result.returncode == 2 and "ENV_FILE=" in result.stderr and "is not a file" in result.stderr
 
 
 def test_env_file_is_read_and_real_environment_wins(tmp_path):
