@@ -399,7 +399,7 @@ class AnswerTranslator:
         the answer already streamed (Dify sends a round's text both ways) is not repeated."""
         if self.agent_work == "hidden":
             return ()
-        key = event.get("id") or event.get("position")
+        key = str(event.get("id") or event.get("position"))  # as text: Dify's ids are, malformed ones need not be
         state = self._thoughts.setdefault(key, {"thought": "", "calls": False, "observed": False})
         steps = []
         thought = str(event.get("thought") or "")
@@ -428,7 +428,7 @@ class AnswerTranslator:
         return pieces
 
     def _message_file(self, event):
-        seen = event.get("id") or event.get("url")
+        seen = str(event.get("id") or event.get("url"))  # as text: Dify's ids are, malformed ones need not be
         if event.get("belongs_to") == "user" or seen in self._files:
             return ()
         self._files.add(seen)
