@@ -30,6 +30,8 @@ class Settings:
     dify_max_connections: int = 1000
     dify_proxy: str = field(default="", repr=False)
     dify_no_proxy: str = None
+    ssl_cert_file: str = ""
+    ssl_cert_dir: str = ""
     keepalive_interval: float = 10.0
     model_refresh_interval: float = 300.0
     cors_origins: tuple = ("*",)
@@ -56,6 +58,7 @@ class Settings:
     client_tools: str = "all"
     client_tools_by_model: tuple = ()
     task_model: str = ""
+    allow_private_urls: bool = False
 
     def client_tools_for(self, model):
         """The CLIENT_TOOLS policy for a model: its CLIENT_TOOLS_BY_MODEL entry, else CLIENT_TOOLS."""
@@ -186,6 +189,8 @@ def settings_from(env):
         dify_max_connections=_number(env, "DIFY_MAX_CONNECTIONS", 1000, int, 1, 100000),
         dify_proxy=proxy,
         dify_no_proxy=no_proxy,
+        ssl_cert_file=env.get("SSL_CERT_FILE", "").strip(),
+        ssl_cert_dir=env.get("SSL_CERT_DIR", "").strip(),
         keepalive_interval=_number(env, "KEEPALIVE_INTERVAL", 10.0, float, 0.05, 300),
         model_refresh_interval=_number(env, "MODEL_REFRESH_INTERVAL", 300.0, float, 1, 86400),
         cors_origins=origins,
@@ -212,6 +217,7 @@ def settings_from(env):
         client_tools=_choice(env, "CLIENT_TOOLS", "all", _TOOL_POLICIES),
         client_tools_by_model=_tools_by_model(env),
         task_model=env.get("TASK_MODEL", "").strip(),
+        allow_private_urls=_choice(env, "ALLOW_PRIVATE_URLS", "off", ("off", "on")) == "on",
     )
 
 

@@ -7,7 +7,8 @@ accept. So every attachment is parsed, its real type sniffed from its bytes, and
 against the proxy's limits and the app's Dify settings before a single byte is uploaded;
 each breach is an OpenAI-shaped error naming the file and the limit. Base64 is measured
 before it is decoded, so an oversized file never costs more memory than the limit. The
-proxy never fetches a URL a client sends.
+proxy never fetches a URL a client sends, and hands Dify none into the operator's network
+(url_guard.py).
 """
 
 import asyncio
@@ -26,6 +27,7 @@ from tornado.ioloop import IOLoop
 import metrics
 from dify_client import DifyError, StreamFailure
 from errors import APIError, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from url_guard import URLGuard
 
 log = logging.getLogger("opendify.files")
 
@@ -693,16 +695,18 @@ class Uploads:
     """Turns the new turn's attachments into Dify file objects, uploading concurrently and only once per
     content, app and Dify user (an identical upload already under way is shared, not repeated)."""
 
-    def __init__(self, dify, limits=Limits(), cache=None):
+    def __init__(self, dify, limits=Limits(), cache=None, guard=None):
         self.dify = dify
         self.limits = limits
         self.cache = cache if cache is not None else UploadCache()
+        self.guard = guard if guard is not None else URLGuard()
         self._pending = {}
 
     @classmethod
     def from_settings(cls, dify, settings):
         return cls(dify, Limits.from_settings(settings),
-                   UploadCache(settings.upload_cache_size, settings.upload_cache_ttl))
+                   UploadCache(settings.upload_cache_size, settings.upload_cache_ttl),
+                   URLGuard(settings.allow_private_urls))
 
     async def attach(self, app, messages, user, model):
         """Dify `files` for the request; any bad attachment raises before anything is uploaded."""
@@ -713,6 +717,9 @@ class Uploads:
         policy.check_count(parts)
         # Decoding and hashing megabytes takes tens of milliseconds: off the event loop, other streams flow.
         attachments = await IOLoop.current().run_in_executor(None, policy.read_all, parts)
+        for attachment in attachments:
+            if attachment.url:
+                await self.guard.check(attachment.where, attachment.url)
         local = [a for a in attachments if not a.url]
         results = await asyncio.gather(*(self._upload_id(app, user, model, a) for a in local),
                                        return_exceptions=True)

@@ -22,7 +22,7 @@ from config import settings_from  # noqa: E402
 from fake_dify import FakeApp, FakeDify  # noqa: E402
 from main import start  # noqa: E402
 
-from support import CLIENT_KEY, OTHER_CLIENT_KEY  # noqa: E402
+from support import CLIENT_KEY, OTHER_CLIENT_KEY, offline_resolver  # noqa: E402
 
 
 class LoopThread:
@@ -129,6 +129,7 @@ def make_harness(loop, dify_profile):
 
         async def boot():
             server, proxy, port = start(settings)
+            proxy.uploads.guard.resolve = offline_resolver
             if listed:  # else the test meets the proxy as a client right after start-up does
                 await proxy.registry.refresh()
             return server, proxy, port

@@ -30,3 +30,12 @@ def wait_for(condition, timeout=3.0):
             return True
         time.sleep(0.01)
     return condition()
+
+
+async def offline_resolver(host, port):
+    """The harness's resolver for image URL hosts, so no test sends a DNS query: `localhost` is loopback,
+    as /etc/hosts says; any other name gets a public address that nothing ever contacts (the proxy hands
+    URLs to Dify, and the fake Dify fetches nothing)."""
+    if host.rstrip(".").lower() == "localhost":
+        return ["127.0.0.1", "::1"]
+    return ["93.184.216.34"]

@@ -179,7 +179,8 @@ def test_attachments_in_memory_mode_2(make_harness):
 
 # --- remote URLs ------------------------------------------------------------------------------
 
-def test_remote_urls_go_to_dify_and_are_never_fetched(harness):
+def test_remote_urls_go_to_dify_and_are_never_fetched(make_harness):
+    harness = make_harness(env={"ALLOW_PRIVATE_URLS": "on"})  # the trap listens on loopback
     trap = socket.socket()
     trap.bind(("127.0.0.1", 0))
     trap.listen(8)
