@@ -30,7 +30,7 @@ from uuid import uuid4
 
 from tornado.concurrent import Future
 from tornado.httpclient import HTTPRequest
-from tornado.ioloop import PeriodicCallback
+from tornado.ioloop import IOLoop, PeriodicCallback
 from tornado.locks import Semaphore
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.util import TimeoutError as SlotTimeout
@@ -108,13 +108,14 @@ def transport_failure(error, exchange):
     return StreamFailure("unreachable", detail)
 
 
-def ca_certificates():
-    """The system's CA file and folder, SSL_CERT_FILE / SSL_CERT_DIR first: what Python's ssl
-    module trusts. libcurl gets them explicitly because a pycurl wheel's built-in default is
+def ca_certificates(ca_file="", ca_dir=""):
+    """The CA file and folder to trust: those given (SSL_CERT_FILE / SSL_CERT_DIR from the
+    settings, so `.env` counts), else what Python's ssl module trusts (the same variables in the
+    environment, else the system's store). libcurl gets them explicitly because a pycurl wheel's built-in default is
     the path of the system it was built on (e.g. /etc/pki/tls/certs/ca-bundle.crt), which
     other systems do not have."""
     paths = ssl.get_default_verify_paths()
-    return paths.cafile, paths.capath
+    return ca_file or paths.cafile, ca_dir or paths.capath
 
 
 class SSEDecoder:
@@ -261,6 +262,9 @@ class EventStream(Exchange):
         self._fetch = None
         self._queued = 0  # bytes behind the events not yet taken
         self.paused = False
+        self._incoming = []  # chunks libcurl wrote, not yet parsed (see _write)
+        self._incoming_size = 0
+        self._delivery_due = False
         request = client.request("POST", key, path, json.dumps(body, ensure_ascii=False).encode(),
                                  accept="text/event-stream", timeout=_NO_TOTAL_LIMIT)
         request.streaming_callback = self._on_chunk
@@ -305,20 +309,8 @@ class EventStream(Exchange):
         """Whether the curl handle is still this stream's: after the fetch it may serve another request."""
         return self._curl is not None and self._fetch is not None and not self._fetch.done()
 
-    def _hold_back(self, size):
-        """Back-pressure: while the reader (a client that is not reading) leaves events waiting, libcurl
-        stops reading Dify's connection; the reader's next take lets it in again. Paused again on
-        every read past the limit, because Tornado resumes a transfer it paused itself. Only while events
-        wait: the bytes of one long event still arriving have no reader to let them in."""
-        self._queued += size
-        if self._queued > _QUEUE_LIMIT and self._events and self._transfer_running():
-            self.paused = True
-            try:
-                self._curl.pause(pycurl.PAUSE_RECV)
-            except pycurl.error:
-                pass  # the transfer is ending anyway
-
     def _let_in(self):
+        """The reader took the events: libcurl may write again (see `_write`)."""
         self._queued = 0
         if self.paused:
             self.paused = False
@@ -360,6 +352,7 @@ class EventStream(Exchange):
             self._client.watch(self)
             self._fetch = lane.http.fetch(request, raise_error=False)
             response = await self._fetch
+            self._deliver()
         except Exception as error:  # every way a fetch fails: libcurl's errors, the simple client's socket errors
             self._end(None if self._aborted else transport_failure(error, self))
             return
@@ -378,6 +371,33 @@ class EventStream(Exchange):
         self.prepare(curl, self._client)
         curl.setopt(pycurl.NOPROGRESS, 0)
         curl.setopt(pycurl.XFERINFOFUNCTION, self._progress)
+        curl.setopt(pycurl.WRITEFUNCTION, self._write)
+
+    def _write(self, chunk):
+        """libcurl's write callback, run inside curl_multi_socket_action, where no application code may
+        run: the chunk is queued for `_deliver` on the loop. While the reader leaves events waiting (a
+        client that is not reading), the transfer is paused right here, so libcurl stops reading Dify's
+        connection at once; the chunk is kept by libcurl and written again when `_let_in` resumes.
+        Only while events wait: the bytes of one long event still arriving have no reader to let them in.
+        (Tornado's own write callback buffers a megabyte per transfer before pausing, and resumes at
+        the end of each delivery, so a stalled client could hold several megabytes.)"""
+        if self._aborted:
+            return None  # taken and dropped, so that the transfer runs on to its abort
+        if self._events and self._queued + self._incoming_size > _QUEUE_LIMIT:
+            self.paused = True
+            return pycurl.WRITEFUNC_PAUSE
+        self._incoming.append(chunk)
+        self._incoming_size += len(chunk)
+        if not self._delivery_due:
+            self._delivery_due = True
+            IOLoop.current().add_callback(self._deliver)
+        return None
+
+    def _deliver(self):
+        self._delivery_due = False
+        incoming, self._incoming, self._incoming_size = self._incoming, [], 0
+        for chunk in incoming:
+            self._on_chunk(chunk)
 
     def _progress(self, *_):
         """libcurl's progress callback: a true answer ends the transfer."""
@@ -409,8 +429,7 @@ class EventStream(Exchange):
             return
         if len(events) != before:
             self._wake()
-        if self._curl is not None:
-            self._hold_back(len(chunk))
+        self._queued += len(chunk)
 
     def _end_body(self):
         if self._aborted:
@@ -433,14 +452,14 @@ class DifyClient:
     """Requests to one Dify server, shared by every app key."""
 
     def __init__(self, base_url, *, connect_timeout=10.0, idle_timeout=90.0, max_connections=1000, proxy="",
-                 no_proxy=None):
+                 no_proxy=None, ca_file="", ca_dir=""):
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.base_url = base_url
         self.proxy = proxy
         self.no_proxy = no_proxy
-        self.ca_file, self.ca_path = ca_certificates()
+        self.ca_file, self.ca_path = ca_certificates(ca_file, ca_dir)
         if pycurl is None:
             _warn_without_curl(proxy)
         self.streams = Lane(max_connections, connect_timeout, _STREAM_BODY_LIMIT)
