@@ -30,6 +30,8 @@ class Settings:
     dify_max_connections: int = 1000
     dify_proxy: str = field(default="", repr=False)
     dify_no_proxy: str = None
+    ssl_cert_file: str = ""
+    ssl_cert_dir: str = ""
     keepalive_interval: float = 10.0
     model_refresh_interval: float = 300.0
     cors_origins: tuple = ("*",)
@@ -187,6 +189,8 @@ def settings_from(env):
         dify_max_connections=_number(env, "DIFY_MAX_CONNECTIONS", 1000, int, 1, 100000),
         dify_proxy=proxy,
         dify_no_proxy=no_proxy,
+        ssl_cert_file=env.get("SSL_CERT_FILE", "").strip(),
+        ssl_cert_dir=env.get("SSL_CERT_DIR", "").strip(),
         keepalive_interval=_number(env, "KEEPALIVE_INTERVAL", 10.0, float, 0.05, 300),
         model_refresh_interval=_number(env, "MODEL_REFRESH_INTERVAL", 300.0, float, 1, 86400),
         cors_origins=origins,

@@ -108,13 +108,14 @@ def transport_failure(error, exchange):
     return StreamFailure("unreachable", detail)
 
 
-def ca_certificates():
-    """The system's CA file and folder, SSL_CERT_FILE / SSL_CERT_DIR first: what Python's ssl
-    module trusts. libcurl gets them explicitly because a pycurl wheel's built-in default is
+def ca_certificates(ca_file="", ca_dir=""):
+    """The CA file and folder to trust: those given (SSL_CERT_FILE / SSL_CERT_DIR from the
+    settings, so `.env` counts), else what Python's ssl module trusts (the same variables in the
+    environment, else the system's store). libcurl gets them explicitly because a pycurl wheel's built-in default is
     the path of the system it was built on (e.g. /etc/pki/tls/certs/ca-bundle.crt), which
     other systems do not have."""
     paths = ssl.get_default_verify_paths()
-    return paths.cafile, paths.capath
+    return ca_file or paths.cafile, ca_dir or paths.capath
 
 
 class SSEDecoder:
@@ -451,14 +452,14 @@ class DifyClient:
     """Requests to one Dify server, shared by every app key."""
 
     def __init__(self, base_url, *, connect_timeout=10.0, idle_timeout=90.0, max_connections=1000, proxy="",
-                 no_proxy=None):
+                 no_proxy=None, ca_file="", ca_dir=""):
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.max_connections = max_connections
         self.base_url = base_url
         self.proxy = proxy
         self.no_proxy = no_proxy
-        self.ca_file, self.ca_path = ca_certificates()
+        self.ca_file, self.ca_path = ca_certificates(ca_file, ca_dir)
         if pycurl is None:
             _warn_without_curl(proxy)
         self.streams = Lane(max_connections, connect_timeout, _STREAM_BODY_LIMIT)

@@ -240,7 +240,7 @@ def _same_text(shown, thought):
 def file_markdown(file, base=""):
     """A Dify file (message_file event or file output) as a markdown image, or a link for other types."""
     url = file.get("url") or file.get("remote_url") or ""
-    if not url:
+    if not isinstance(url, str) or not url:  # a malformed event's url (a number, a list) is no link
         return ""
     if base and not urlsplit(url).scheme:
         url = urljoin(base, url)
@@ -399,7 +399,7 @@ class AnswerTranslator:
         the answer already streamed (Dify sends a round's text both ways) is not repeated."""
         if self.agent_work == "hidden":
             return ()
-        key = event.get("id") or event.get("position")
+        key = str(event.get("id") or event.get("position"))  # as text: Dify's ids are, malformed ones need not be
         state = self._thoughts.setdefault(key, {"thought": "", "calls": False, "observed": False})
         steps = []
         thought = str(event.get("thought") or "")
@@ -428,7 +428,7 @@ class AnswerTranslator:
         return pieces
 
     def _message_file(self, event):
-        seen = event.get("id") or event.get("url")
+        seen = str(event.get("id") or event.get("url"))  # as text: Dify's ids are, malformed ones need not be
         if event.get("belongs_to") == "user" or seen in self._files:
             return ()
         self._files.add(seen)

@@ -47,7 +47,8 @@ class Proxy:
         self.dify = DifyClient(settings.dify_api_base, connect_timeout=settings.dify_connect_timeout,
                                idle_timeout=settings.dify_idle_timeout,
                                max_connections=settings.dify_max_connections, proxy=settings.dify_proxy,
-                               no_proxy=settings.dify_no_proxy)
+                               no_proxy=settings.dify_no_proxy, ca_file=settings.ssl_cert_file,
+                               ca_dir=settings.ssl_cert_dir)
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
         self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
         self.uploads = Uploads.from_settings(self.dify, settings)

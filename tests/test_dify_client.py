@@ -223,6 +223,14 @@ def test_https_dify_is_verified_against_ssl_cert_file(make_harness, tls_dify):
     assert ask(harness, "one") == "Echo: one" and ask_streaming(harness, "two") == "Echo: two"
 
 
+def test_ssl_cert_file_in_the_settings_counts_like_the_environment(make_harness, certificate):
+    """SSL_CERT_FILE read from `.env` (here: the settings) is trusted, not only the process environment."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(*certificate)
+    harness = make_harness(tls=context, env={"SSL_CERT_FILE": str(certificate[0])})
+    assert ask(harness, "one") == "Echo: one"
+
+
 def test_an_untrusted_dify_certificate_is_a_clear_unreachable_error(make_harness, tls_dify, monkeypatch):
     harness = make_harness(tls=tls_dify)
     monkeypatch.setenv("SSL_CERT_FILE", ssl.get_default_verify_paths().openssl_cafile)
