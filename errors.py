@@ -49,7 +49,7 @@ def generic(status, reason):
     """Tornado's own errors (unknown route, wrong method, crashes) in OpenAI shape."""
     if status == 404:
         return APIError(404, "Unknown URL. This server speaks the OpenAI API under /v1 "
-                             "(GET /v1/models, POST /v1/chat/completions).", code="not_found")
+                             "(GET /v1/models, POST /v1/chat/completions, POST /v1/responses).", code="not_found")
     if status == 405:
         return APIError(405, f"Method not allowed here ({reason}).", code="method_not_allowed")
     if status < 500:

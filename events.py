@@ -240,7 +240,7 @@ def _same_text(shown, thought):
 def file_markdown(file, base=""):
     """A Dify file (message_file event or file output) as a markdown image, or a link for other types."""
     url = file.get("url") or file.get("remote_url") or ""
-    if not url:
+    if not isinstance(url, str) or not url:  # a malformed event's url (a number, a list) is no link
         return ""
     if base and not urlsplit(url).scheme:
         url = urljoin(base, url)

@@ -4,7 +4,7 @@ import asyncio
 import logging
 import sys
 
-from tornado.httpserver import HTTPServer
+from server import ProxyHTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
@@ -36,7 +36,7 @@ def start(settings, sockets=None):
     app, proxy = make_app(settings)
     if sockets is None:
         sockets = bind_sockets(settings.server_port, settings.server_host)
-    server = HTTPServer(app, max_body_size=settings.max_request_bytes)
+    server = ProxyHTTPServer(app, max_body_size=settings.max_request_bytes)
     server.add_sockets(sockets)
     proxy.start()
     return server, proxy, sockets[0].getsockname()[1]

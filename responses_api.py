@@ -34,6 +34,7 @@ OUTPUT_ITEMS = ("function_call_output", "custom_tool_call_output")
 IGNORED_ITEMS = ("reasoning", "item_reference", "compaction")
 MAX_USER = 64
 _MESSAGE_PARAM = re.compile(r"messages\[(\d+)\]")
+_NAMED_CALL_ID = re.compile(r"call_[A-Za-z0-9]{1,40}__([A-Za-z0-9_.:-]{1,64})\Z")
 
 
 @dataclass
@@ -198,18 +199,30 @@ def add_call(messages, where, item):
         messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
 
 
+def named_call_id(call_id, name):
+    """The call id a client sees: the proxy's own, with the function's name after `__`. A later
+    `function_call_output` names only the call id; with `previous_response_id` its call is not in the
+    request, and the name read back from the id lets the result say which tool it answers."""
+    named = f"{call_id}__{name}"
+    return named if _NAMED_CALL_ID.match(named) else call_id
+
+
 def call_output(where, item):
     call_id = item.get("call_id")
     if not isinstance(call_id, str) or not call_id:
         raise bad_request(f"{where} ({item.get('type')}) needs a 'call_id' string.", param=f"{where}.call_id",
                           code="invalid_value")
+    named = _NAMED_CALL_ID.match(call_id)
     output = item.get("output")
     if isinstance(output, list):
         output = "\n".join(p["text"] for p in (chat_part(f"{where}.output", part) for part in output)
                            if p is not None and p["type"] == "text")
     elif not isinstance(output, str):
         output = json.dumps(output, ensure_ascii=False)
-    return {"role": "tool", "tool_call_id": call_id, "content": output}
+    result = {"role": "tool", "tool_call_id": call_id, "content": output}
+    if named:
+        result["name"] = named.group(1)
+    return result
 
 
 def function_tools(tools):
@@ -366,7 +379,8 @@ def answer_output(answer):
     if text or not answer.tool_calls:
         output.append(message_item_object(new_item_id("msg_"), text))
     for call in answer.tool_calls:
-        flat = {"id": call["id"], "name": call["function"]["name"], "arguments": call["function"]["arguments"]}
+        name = call["function"]["name"]
+        flat = {"id": named_call_id(call["id"], name), "name": name, "arguments": call["function"]["arguments"]}
         output.append(function_call_object(new_item_id("fc_"), flat))
     return output
 
@@ -475,7 +489,7 @@ class ResponseEventEncoder:
     def tool_call(self, index, call_id, name, arguments):
         out = self._start(force=True) + self._close()
         position, item_id = len(self.output), new_item_id("fc_")
-        call = {"id": call_id, "name": name, "arguments": arguments}
+        call = {"id": named_call_id(call_id, name), "name": name, "arguments": arguments}
         item = function_call_object(item_id, call)
         self.output.append(item)
         return (out + self._event("response.output_item.added", {

@@ -348,3 +348,43 @@ def test_one_dify_event_longer_than_the_back_pressure_queue_arrives(harness, str
         else:
             answer = client.chat.completions.create(model=CHAT, messages=[user(text)]).choices[0].message.content
         assert answer == "Echo: " + text
+
+
+# --- 14: a request head over Tornado's limit is answered -------------------------------------
+
+def raw_exchange(port, request):
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        try:
+            connection.sendall(request)
+        except ConnectionError:
+            pass
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+        except ConnectionError:
+            pass
+    return received
+
+
+@pytest.mark.parametrize("head", [
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n",
+    b"GET /v1/models HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 60) for i in range(2000))
+    + b"\r\n",
+    b"GET /v1/models/" + b"m" * 80_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nCookie: " + b"c" * 70_000,  # never even ends
+], ids=["one-header", "many-headers", "long-url", "unfinished"])
+def test_a_head_over_the_limit_is_a_431(harness, head):
+    received = raw_exchange(harness.port, head)
+    status_line, _, rest = received.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", received[:200]
+    assert b"Connection: close" in rest
+    error = json.loads(rest.partition(b"\r\n\r\n")[2])["error"]
+    assert error["code"] == "request_header_too_large"
+
+
+def test_the_server_serves_on_after_a_431(harness):
+    raw_exchange(harness.port, b"GET /v1/models HTTP/1.1\r\nX-Big: " + b"a" * 100_000 + b"\r\n\r\n")
+    status, _, body = harness.raw("GET", "/v1/models")
+    assert status == 200 and len(json.loads(body)["data"]) == 3

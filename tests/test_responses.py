@@ -397,7 +397,8 @@ def test_previous_response_id_continues_the_dify_conversation(make_harness, memo
         {"type": "function_call_output", "call_id": call.call_id, "output": "18 C"}])
     sent = harness.chat_bodies()[-1]
     assert sent["conversation_id"] == conversation_id
-    assert sent["query"].startswith(f'<tool_result id="{call.call_id}"') and "18 C" in sent["query"]
+    assert sent["query"].startswith(f'<tool_result id="{call.call_id}" name="get_weather">') and "18 C" in sent["query"]
+    assert call.call_id.endswith("__get_weather")
     assert sent["user"].endswith(":bob"), "the conversation's Dify user, from the id"
     assert second.previous_response_id == first.id and second.id != first.id
     client.responses.create(model=CHAT, previous_response_id=second.id, input="And tomorrow?")
@@ -584,3 +585,19 @@ def test_input_image_as_a_data_url_is_uploaded_and_a_file_url_refused(harness):
     error = json.loads(body)["error"]
     assert status == 400 and "file_url is not supported" in error["message"]
     assert error["param"] == "input[0].content[0].file_data"
+
+
+def test_an_unknown_route_names_the_responses_api(harness):
+    status, _, body = harness.raw("POST", "/v1/respond", {"input": "x"})
+    assert status == 404 and "POST /v1/responses" in json.loads(body)["error"]["message"]
+
+
+def test_call_ids_carry_the_function_name_only_in_a_safe_form():
+    from responses_api import named_call_id, parse_responses_request
+    assert named_call_id("call_abc123", "get_weather") == "call_abc123__get_weather"
+    assert named_call_id("call_abc123", 'x" onload="y') == "call_abc123", "names outside the spec's alphabet"
+    assert named_call_id("call_abc123", "n" * 65) == "call_abc123"
+    messages = parse_responses_request({"model": "m", "input": [
+        {"type": "function_call_output", "call_id": "call_abc123__get_weather", "output": "ok"},
+        {"type": "function_call_output", "call_id": "toolu_01__x y", "output": "ok"}]}).chat.messages
+    assert messages[0]["name"] == "get_weather" and "name" not in messages[1]

@@ -68,6 +68,7 @@ def test_agents_sdk_tool_loop_on_server_state(harness, stream):
     (conversation_id,) = harness.dify.conversations
     assert first["conversation_id"] == "" and second["conversation_id"] == conversation_id
     assert second["query"].startswith('<tool_result id="call_') and "18 C and sunny in Paris" in second["query"]
+    assert 'name="get_weather">' in second["query"].split("\n")[0], "the tool named though its call was not resent"
     assert "Weather in Paris?" not in second["query"], "Dify's conversation already has the question"
 
 
