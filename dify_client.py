@@ -487,6 +487,9 @@ class DifyClient:
         """What every transfer to Dify sets beyond Tornado's defaults."""
         curl.setopt(pycurl.VERBOSE, 0)  # Tornado turns it on at DEBUG: it would log the Dify keys
         curl.setopt(pycurl.MAXAGE_CONN, _CONNECTION_MAX_AGE)
+        # libcurl's default upload buffer is 64 KB per running transfer; bodies to Dify are sent once,
+        # and a thousand open streams would hold 64 MB of it.
+        curl.setopt(pycurl.UPLOAD_BUFFERSIZE, 16384)
         if self.ca_path:
             curl.setopt(pycurl.CAPATH, self.ca_path)
         # Set even when empty: libcurl would otherwise read http_proxy (lower case only) itself.
