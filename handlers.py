@@ -8,7 +8,6 @@ access log line.
 import asyncio
 import hashlib
 import hmac
-import json
 import logging
 import time
 import uuid

@@ -1,6 +1,7 @@
 """Small helpers shared by the tests."""
 
 import json
+import socket
 import time
 
 CLIENT_KEY = "sk-test-key-one"
@@ -39,3 +40,19 @@ async def offline_resolver(host, port):
     if host.rstrip(".").lower() == "localhost":
         return ["127.0.0.1", "::1"]
     return ["93.184.216.34"]
+
+
+def open_raw_stream(port, path, body, until, timeout=10):
+    """A raw POST of `body` (JSON) on its own socket, returned once `until` has arrived, so a test can
+    leave mid-answer by closing it (the caller closes it)."""
+    data = json.dumps(body)
+    conn = socket.create_connection(("127.0.0.1", port))
+    conn.sendall((f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                  f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n{data}").encode())
+    conn.settimeout(timeout)
+    received = b""
+    while until not in received:
+        chunk = conn.recv(65536)
+        assert chunk, received
+        received += chunk
+    return conn

@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from fake_dify import Drop, End, ErrorEvent, Event, FakeApp, Hang, HttpError, Raw, Sleep, Text
-from support import CLIENT_KEY, OTHER_CLIENT_KEY, sse_comments, sse_events, wait_for
+from support import CLIENT_KEY, OTHER_CLIENT_KEY, open_raw_stream, sse_comments, sse_events, wait_for
 
 CHAT = "Chat Bot"
 ALL_MODELS = ["Chat Bot", "Agent Bot", "Flow Bot"]
@@ -329,16 +329,8 @@ def test_unreachable_dify_is_502(make_harness):
 @pytest.mark.real_difies
 def test_client_disconnect_stops_the_dify_task(harness):
     harness.dify.script(harness.key_of(CHAT), Text("first words"), Hang())
-    with socket.create_connection(("127.0.0.1", harness.port)) as conn:
-        body = json.dumps({"model": CHAT, "stream": True, "messages": [{"role": "user", "content": "x"}]})
-        conn.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
-                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
-        conn.settimeout(5)
-        received = b""
-        while b"first words" not in received:
-            data = conn.recv(65536)
-            assert data, received
-            received += data
+    body = {"model": CHAT, "stream": True, "messages": [{"role": "user", "content": "x"}]}
+    with open_raw_stream(harness.port, "/v1/chat/completions", body, until=b"first words"):
         left_at = time.monotonic()
     assert wait_for(lambda: harness.dify.stops, timeout=2.0)
     assert time.monotonic() - left_at < 1.0

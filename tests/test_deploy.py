@@ -12,7 +12,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import openai

@@ -22,7 +22,7 @@ import pytest
 from dify_client import DifyClient, StreamFailure
 from fake_dify import End, Hang, Sleep, Text
 from forward_proxy import RecordingProxy
-from support import CLIENT_KEY, wait_for
+from support import CLIENT_KEY, open_raw_stream, wait_for
 
 CHAT = "Chat Bot"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,17 +42,8 @@ def ask_streaming(harness, content="x"):
 
 def open_stream(harness, content):
     """A raw streaming request, returned once its first text has arrived (the caller closes it)."""
-    body = json.dumps({"model": CHAT, "stream": True, "messages": [{"role": "user", "content": content}]})
-    conn = socket.create_connection(("127.0.0.1", harness.port))
-    conn.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
-                  f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
-    conn.settimeout(10)
-    received = b""
-    while b"content" not in received:
-        data = conn.recv(65536)
-        assert data, received
-        received += data
-    return conn
+    body = {"model": CHAT, "stream": True, "messages": [{"role": "user", "content": content}]}
+    return open_raw_stream(harness.port, "/v1/chat/completions", body, until=b"content")
 
 
 # --- a departed client ---------------------------------------------------------------------

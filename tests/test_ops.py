@@ -7,7 +7,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import metrics
-from fake_dify import End, Hang, HttpError, Start, Text
+from fake_dify import Hang, HttpError, Start, Text
 from support import CLIENT_KEY, wait_for
 
 CHAT = "Chat Bot"

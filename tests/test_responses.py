@@ -4,7 +4,6 @@ every streamed event and response object validated against the OpenAI spec's own
 import base64
 import json
 import os
-import socket
 import struct
 import zlib
 
@@ -18,7 +17,7 @@ from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from fake_dify import End, Event, FakeApp, Hang, Sleep, Text
-from support import CLIENT_KEY, OTHER_CLIENT_KEY, wait_for
+from support import CLIENT_KEY, OTHER_CLIENT_KEY, open_raw_stream, wait_for
 
 CHAT = "Chat Bot"
 PNG = (b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + b"IHDR" + struct.pack(">IIBBBBB", 1, 1, 8, 2, 0, 0, 0)
@@ -542,16 +541,9 @@ def test_a_burst_is_paced_like_chat(harness):
 
 def test_a_client_that_leaves_stops_the_dify_task(harness):
     harness.dify.script(harness.key_of(CHAT), Text("first words"), Hang())
-    with socket.create_connection(("127.0.0.1", harness.port)) as conn:
-        body = json.dumps({"model": CHAT, "stream": True, "input": "x"})
-        conn.sendall((f"POST /v1/responses HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
-                      f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
-        conn.settimeout(5)
-        received = b""
-        while b"first words" not in received:
-            data = conn.recv(65536)
-            assert data, received
-            received += data
+    body = {"model": CHAT, "stream": True, "input": "x"}
+    with open_raw_stream(harness.port, "/v1/responses", body, until=b"first words"):
+        pass
     assert wait_for(lambda: harness.dify.stops, timeout=3.0)
     assert harness.dify.stops[0][0] == "chat" and wait_for(lambda: harness.dify.active_streams == 0)
 
