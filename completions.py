@@ -232,15 +232,15 @@ class Completion:
             elif self.app.mode == "workflow":
                 log.debug("model %r: the workflow's input form has no free text variable; the message is not "
                           "sent (its inputs are)", self.request.model)
-        parts = self._text_parts() if target is not None else ()
-        return check_inputs(form, given, target, parts), target
+        return check_inputs(form, given, target, self._text_parts), target
 
-    def dify_request(self, query, files):
+    def dify_request(self, query, files, checked=None):
         """The Dify path and body for the app's mode. Completion and workflow apps read the user's text
-        from their input form (a workflow has no `query` at all) and keep no conversation."""
+        from their input form (a workflow has no `query` at all) and keep no conversation. `checked`:
+        what `inputs` already answered for a chat app, whose inputs do not depend on the query."""
         self.query_length = len(query)
         mode = self.app.mode
-        inputs, target = self.inputs(query)
+        inputs, target = checked if checked is not None else self.inputs(query)
         body = {"inputs": inputs, "user": self.user, "response_mode": "streaming"}
         if files:
             body["files"] = files
@@ -279,9 +279,8 @@ class Completion:
         left while the files were uploading gets no run at all."""
         # Everything checkable is checked before any Dify call (a conversation check, an upload): a chat app's
         # inputs before its query is planned, a completion or workflow app's (one holds the message) with it.
-        if self.conversational:
-            self.inputs("")
-        path, body = self.dify_request(await self.query(), [])
+        checked = self.inputs("") if self.conversational else None
+        path, body = self.dify_request(await self.query(), [], checked)
         self._files = await self.attachments()
         if self._files:
             body["files"] = self._files

@@ -69,11 +69,11 @@ def text_variable(variables, given, preferred=""):
     return next((name for name in candidates if _missing(given.get(name))), None)
 
 
-def check_inputs(variables, given, text_variable=None, text_parts=()):
+def check_inputs(variables, given, text_variable=None, text_parts=lambda: ()):
     """The inputs to send: `given` checked against the form, the form's defaults filled in where a
     value is missing. A missing required value, an option not offered, a value too long or of
-    the wrong type is a 400 naming the variable; `text_parts` ((label, length) pairs) say what the
-    text put into `text_variable` is made of, for a 400 about its length."""
+    the wrong type is a 400 naming the variable; `text_parts()` ((label, length) pairs, asked for
+    only then) says what the text put into `text_variable` is made of, for a 400 about its length."""
     inputs = dict(given)
     for variable in variables or ():
         value = inputs.get(variable.name)
@@ -101,7 +101,7 @@ def _problem(variable, value, text_parts):
                     f"got {value!r}.")
         if variable.max_length and len(value) > variable.max_length:
             if text_parts is not None:
-                return _too_long(variable, value, text_parts)
+                return _too_long(variable, value, text_parts())
             return (f"The input {variable.title()} is {len(value)} characters long; the app allows at most "
                     f"{variable.max_length}.")
     elif kind == "number" and not _is_number(value):
