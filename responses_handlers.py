@@ -18,7 +18,6 @@ from errors import APIError, bad_request, from_dify, upstream_unreachable
 from events import translator_for
 from handlers import BaseHandler, ChatCompletionsHandler, model_not_found
 from memory import Binding
-from openai_api import parse_body
 from responses_api import (ResponseEventEncoder, answer_output, ending, parse_responses_request, response_echo,
                            response_object)
 from responses_ids import make_response_id, read_response_id
@@ -35,7 +34,7 @@ class ResponsesHandler(ChatCompletionsHandler):
 
     async def answer(self):
         """The chat handler's `post` runs this and owns the run's lifetime (departures, the final close)."""
-        request = parse_responses_request(parse_body(self.request.body))
+        request = await self.read_request(parse_responses_request)
         self.model = request.model
         self.created_at = int(time.time())
         self.responses = request
