@@ -30,7 +30,8 @@ from lifecycle import InFlight, shutting_down
 from openai_api import (LARGE_BODY_BYTES, TextChunkEncoder, completion_body, json_bytes, model_object,
                         new_completion_id, new_text_completion_id, parse_body, parse_chat_request,
                         parse_text_completion_request, text_completion_body)
-from streaming import EventStreamResponse, FrameClock, Heartbeat
+from pacing import FrameClock
+from streaming import EventStreamResponse, KeepAlive
 from tasks import local_answer, task_kind
 
 access_log = logging.getLogger("opendify.access")
@@ -49,7 +50,8 @@ class Proxy:
                                no_proxy=settings.dify_no_proxy, ca_file=settings.ssl_cert_file,
                                ca_dir=settings.ssl_cert_dir)
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
-        self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
+        self.keepalive = KeepAlive(settings.keepalive_interval)
+        self.frames = FrameClock.from_settings(settings)  # None when smoothing is off
         self.uploads = Uploads.from_settings(self.dify, settings)
         self.conversations = ConversationCheck(self.dify)
         self.refresher = None
@@ -73,7 +75,9 @@ class Proxy:
     def close(self):
         if self.refresher is not None:
             self.refresher.cancel()
-        self.heartbeat.stop()
+        self.keepalive.stop()
+        if self.frames is not None:
+            self.frames.stop()
         self.dify.close()
 
 
@@ -314,7 +318,7 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         request = await self.read_request(parse_chat_request)
         await self.begin(request, new_completion_id())
         if request.stream:
-            self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat)
+            self.stream = EventStreamResponse(self, self.completion)
             await self.stream.run()
             self.tokens = self.completion.usage()
             return
@@ -343,7 +347,7 @@ class TextCompletionsHandler(ChatCompletionsHandler):
         await self.begin(request, new_text_completion_id())
         if request.stream:
             encoder = TextChunkEncoder(self.completion_id, request.model)
-            self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder)
+            self.stream = EventStreamResponse(self, self.completion, encoder)
             await self.stream.run()
             self.tokens = self.completion.usage()
             return
