@@ -171,7 +171,7 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         try:
             await self.completion.start()
             if request.stream:
-                self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat, self.encoder(request))
+                self.stream = EventStreamResponse(self, self.completion, self.encoder(request))
                 await self.stream.run()
                 self.tokens = self.completion.usage()
                 return
