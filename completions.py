@@ -5,8 +5,6 @@ only stream, and Dify Cloud cuts blocking calls after about 100 s.
 """
 
 import asyncio
-import hashlib
-import hmac
 import logging
 
 from tornado.ioloop import IOLoop
@@ -17,6 +15,7 @@ import metrics
 import tasks
 import tools
 from apps import CHAT_FAMILY
+from content import content_text
 from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
@@ -27,22 +26,8 @@ from output_format import format_instructions, json_reply, wants_json
 
 log = logging.getLogger("opendify.completions")
 
-_MAX_USER_FIELD = 64
 _SLICE = 256  # events translated per turn of the loop: a long burst from Dify must not hold it for others
 _STOP_KINDS = {"completion": "completion", "workflow": "workflow"}
-
-
-def client_id(secret, api_key):
-    """An opaque, stable id for a client key: Dify users and marks are bound to it, never to the key."""
-    return hmac.new(secret, b"opendify-client\0" + api_key.encode(), hashlib.sha256).hexdigest()[:16]
-
-
-def dify_user(client, request_user=""):
-    """The Dify end user for a request: the client's id, plus the request's own `user` if it sent one,
-    so two client keys never share a Dify end user (nor, through it, a conversation)."""
-    if request_user:
-        return f"opendify-{client}:{request_user[:_MAX_USER_FIELD]}"
-    return f"opendify-{client}"
 
 
 LONG_HISTORY = 500  # messages; folding a longer history (0.4 s for 20,000) is done off the event loop
@@ -589,7 +574,8 @@ class LocalAnswer(Completion):
 
     async def start(self):
         self._local = tasks.local_answer(self.task, self.request.messages) or ""
-        self.query_length = sum(len(tasks.message_text(m.get("content"))) for m in self.request.messages)
+        self.query_length = sum(len(content_text(m.get("content"), placeholders=False))
+                                for m in self.request.messages)
 
     async def next_pieces(self):
         if self._local is None or self._cancelled:
