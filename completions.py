@@ -12,9 +12,9 @@ from tornado.ioloop import IOLoop
 import marks
 import memory
 import metrics
-import tasks
 import tools
 from apps import CHAT_FAMILY
+from content import content_text
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
@@ -565,7 +565,8 @@ class LocalAnswer(Completion):
         self._local = answer
 
     async def start(self):
-        self.query_length = sum(len(tasks.message_text(m.get("content"))) for m in self.request.messages)
+        self.query_length = sum(len(content_text(m.get("content"), placeholders=False))
+                                for m in self.request.messages)
 
     async def next_pieces(self):
         if self._local is None or self._cancelled:
