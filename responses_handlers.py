@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 from tornado.web import stream_request_body
 
 from apps import CHAT_FAMILY
-from completions import Answer, estimate_tokens
+from completions import Answer
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_unreachable
 from events import translator_for
@@ -22,6 +22,7 @@ from identity import dify_user
 from responses_api import (ResponseEventEncoder, answer_output, ending, parse_responses_request, response_echo,
                            response_object)
 from responses_ids import make_response_id, read_response_id
+from usage import usage_figures
 
 HISTORY_PAGE = 100  # the most messages one Dify GET /messages returns: how far back GET /v1/responses/{id} reaches
 
@@ -128,7 +129,7 @@ class ResponseHandler(BaseHandler):
         self.model, self.app = app.model_id, app
         text = row.get("answer") if isinstance(row.get("answer"), str) else ""
         query_text = row.get("query") if isinstance(row.get("query"), str) else ""
-        usage = {"prompt_tokens": estimate_tokens(len(query_text)), "completion_tokens": estimate_tokens(len(text))}
+        usage = usage_figures(None, len(query_text), len(text))
         created = row.get("created_at") if isinstance(row.get("created_at"), int) else int(time.time())
         self.write_json(response_object(response_id, created, app.model_id, response_echo({}, None),
                                         answer_output(self.stored_answer(app, text)), "completed", usage))
