@@ -20,10 +20,10 @@ from apps import CHAT_FAMILY
 from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
 from output_format import format_instructions, json_reply, wants_json
+from uploads import Uploads
 
 log = logging.getLogger("opendify.completions")
 

@@ -25,7 +25,7 @@ from departures import DepartureWatch
 from dify_client import DifyClient
 from errors import APIError, generic, unauthorized
 from conversations import ConversationCheck
-from files import Uploads
+from uploads import Uploads
 from lifecycle import InFlight, shutting_down
 from openai_api import (LARGE_BODY_BYTES, TextChunkEncoder, completion_body, json_bytes, model_object,
                         new_completion_id, new_text_completion_id, parse_body, parse_chat_request,

@@ -37,9 +37,9 @@ import json
 import uuid
 from dataclasses import dataclass
 
-import files
 import marks
 import tools
+from attachments import ATTACHMENT_PARTS, placeholder
 from errors import bad_request
 
 SYSTEM_ROLES = ("system", "developer")
@@ -54,8 +54,8 @@ def part_text(part):
         return str(part.get("text") or "")
     if kind == "refusal":
         return str(part.get("refusal") or "")
-    if kind in files.ATTACHMENT_PARTS:
-        return files.placeholder(part)
+    if kind in ATTACHMENT_PARTS:
+        return placeholder(part)
     return f"[{kind}]" if kind else ""
 
 
