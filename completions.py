@@ -5,8 +5,6 @@ only stream, and Dify Cloud cuts blocking calls after about 100 s.
 """
 
 import asyncio
-import hashlib
-import hmac
 import logging
 
 from tornado.ioloop import IOLoop
@@ -27,22 +25,8 @@ from uploads import Uploads
 
 log = logging.getLogger("opendify.completions")
 
-_MAX_USER_FIELD = 64
 _SLICE = 256  # events translated per turn of the loop: a long burst from Dify must not hold it for others
 _STOP_KINDS = {"completion": "completion", "workflow": "workflow"}
-
-
-def client_id(secret, api_key):
-    """An opaque, stable id for a client key: Dify users and marks are bound to it, never to the key."""
-    return hmac.new(secret, b"opendify-client\0" + api_key.encode(), hashlib.sha256).hexdigest()[:16]
-
-
-def dify_user(client, request_user=""):
-    """The Dify end user for a request: the client's id, plus the request's own `user` if it sent one,
-    so two client keys never share a Dify end user (nor, through it, a conversation)."""
-    if request_user:
-        return f"opendify-{client}:{request_user[:_MAX_USER_FIELD]}"
-    return f"opendify-{client}"
 
 
 LONG_HISTORY = 500  # messages; folding a longer history (0.4 s for 20,000) is done off the event loop

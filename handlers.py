@@ -5,9 +5,6 @@ carries the CORS headers browser clients need, and an `x-request-id` that matche
 access log line.
 """
 
-import asyncio
-import hashlib
-import hmac
 import logging
 import time
 import uuid
@@ -15,66 +12,23 @@ from urllib.parse import unquote
 
 import metrics
 
-from tornado.ioloop import IOLoop
 from tornado.web import RequestHandler, stream_request_body
 
-from apps import AppRegistry
-from completions import Completion, LocalAnswer, client_id, dify_user
+from completions import Completion, LocalAnswer
 from memory import Binding
 from departures import DepartureWatch
-from dify_client import DifyClient
 from errors import APIError, generic, unauthorized
-from conversations import ConversationCheck
-from uploads import Uploads
-from lifecycle import InFlight, shutting_down
-from openai_api import (LARGE_BODY_BYTES, TextChunkEncoder, completion_body, json_bytes, model_object,
-                        new_completion_id, new_text_completion_id, parse_body, parse_chat_request,
-                        parse_text_completion_request, text_completion_body)
-from streaming import EventStreamResponse, FrameClock, Heartbeat
+from identity import bearer_token, dify_user
+from lifecycle import shutting_down
+from openai_api import (TextChunkEncoder, completion_body, json_bytes, model_object, new_completion_id,
+                        new_text_completion_id, parse_chat_request, parse_text_completion_request,
+                        text_completion_body)
+from request_body import BoundedBody
+from streaming import EventStreamResponse
 from tasks import local_answer, task_kind
 
 access_log = logging.getLogger("opendify.access")
 log = logging.getLogger("opendify.handlers")
-
-
-class Proxy:
-    """What every handler shares: the settings, the Dify connection and the app registry."""
-
-    def __init__(self, settings, secret):
-        self.settings = settings
-        self.secret = secret
-        self.dify = DifyClient(settings.dify_api_base, connect_timeout=settings.dify_connect_timeout,
-                               idle_timeout=settings.dify_idle_timeout,
-                               max_connections=settings.dify_max_connections, proxy=settings.dify_proxy,
-                               no_proxy=settings.dify_no_proxy, ca_file=settings.ssl_cert_file,
-                               ca_dir=settings.ssl_cert_dir)
-        self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
-        self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
-        self.uploads = Uploads.from_settings(self.dify, settings)
-        self.conversations = ConversationCheck(self.dify)
-        self.refresher = None
-        self.in_flight = InFlight()
-        self.draining = False
-        self.client_keys = [(hashlib.sha256(key.encode()).digest(), client_id(secret, key))
-                            for key in settings.valid_api_keys]
-
-    def client_for(self, token):
-        """The client id of a presented key, or None; every configured key is compared in constant time."""
-        digest = hashlib.sha256(token.encode()).digest()
-        found = None
-        for key_digest, client in self.client_keys:
-            if hmac.compare_digest(digest, key_digest):
-                found = client
-        return found
-
-    def start(self):
-        self.refresher = asyncio.ensure_future(self.registry.keep_fresh())
-
-    def close(self):
-        if self.refresher is not None:
-            self.refresher.cancel()
-        self.heartbeat.stop()
-        self.dify.close()
 
 
 class BaseHandler(RequestHandler):
@@ -103,12 +57,11 @@ class BaseHandler(RequestHandler):
     def prepare(self):
         if self.request.method == "OPTIONS":
             return
-        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(self.request.headers.get("Authorization"))
+        if not token:
             raise unauthorized("Missing API key: send 'Authorization: Bearer <key>' with a key from the "
                                "server's VALID_API_KEYS.")
-        self.client = self.proxy.client_for(token)
+        self.client = self.proxy.clients.client_for(token)
         if self.client is None:
             raise unauthorized("Incorrect API key provided.")
 
@@ -173,66 +126,6 @@ def model_not_found(model_id, registry):
                     code="model_not_found", param="model")
 
 
-class BoundedBody:
-    """Takes a request body as it arrives and refuses one over MAX_REQUEST_MB with a 413 in OpenAI shape,
-    having buffered no more than the limit (Tornado's own limit would answer a bare 400 and hang up).
-
-    A request refused before its body was read (a wrong key, a body too large) keeps its connection
-    usable: SDKs pool connections, and a response sent while the body is still arriving leaves the
-    rest of the body to be read as the next request (or the connection reset under the client). So
-    a body of declared length up to twice MAX_REQUEST_MB is read and dropped and the error answered
-    after it; a larger or chunked one is answered at once with `Connection: close`."""
-
-    refusal = None
-    body_read = False
-    answered = False
-
-    def prepare(self):
-        self.request.connection.set_max_body_size(_UNLIMITED)  # the limit is enforced here instead
-        self.request.body = bytearray()
-        limit = self.proxy.settings.max_request_bytes
-        declared = self.request.headers.get("Content-Length", "")
-        declared = int(declared) if declared.isdigit() else None
-        try:
-            super().prepare()
-            if declared is not None and declared > limit:
-                raise body_too_large(limit)
-        except APIError as error:
-            if declared is None or declared > 2 * limit:
-                raise
-            self.refusal = error
-
-    def data_received(self, chunk):
-        if self.refusal is not None:
-            return  # a refused body of a declared, bounded length: read and dropped
-        limit = self.proxy.settings.max_request_bytes
-        if len(self.request.body) + len(chunk) > limit:  # only a chunked body, of no declared length, gets here
-            if not self.answered:
-                self.answered = True
-                self.send_error(413, exc_info=(APIError, body_too_large(limit), None))
-        else:
-            self.request.body += chunk
-
-    def refuse_unread(self):
-        """Called first once the body is in: answers the refusal found while it was arriving."""
-        self.body_read = True
-        if self.refusal is not None:
-            raise self.refusal
-
-    def write_error(self, status_code, **kwargs):
-        if not self.body_read:
-            self.set_header("Connection", "close")  # the rest of the body is not read: this connection ends
-        super().write_error(status_code, **kwargs)
-
-
-_UNLIMITED = 1 << 62
-
-
-def body_too_large(limit):
-    return APIError(413, f"The request body is larger than this server's limit of {limit // (1024 * 1024)} MB "
-                         "(MAX_REQUEST_MB). Send smaller or fewer attachments.", code="request_too_large")
-
-
 @stream_request_body
 class ChatCompletionsHandler(BoundedBody, BaseHandler):
     """POST /v1/chat/completions. `post` owns the Dify run's lifetime: whatever happens (an answer, an
@@ -243,7 +136,6 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
     departed = False
 
     async def post(self):
-        self.refuse_unread()
         watch = DepartureWatch(self.request.connection.stream)
         self.proxy.in_flight.add(self)
         try:
@@ -288,14 +180,6 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         if self.departed:
             self.completion.cancel()
         await self.completion.start()
-
-    async def read_request(self, parse_request):
-        """The request from the body; a large body is decoded in an executor thread, so that other
-        requests keep flowing while it is parsed (see openai_api.parse_body)."""
-        raw = self.request.body
-        if len(raw) <= LARGE_BODY_BYTES:
-            return parse_request(parse_body(raw))
-        return await IOLoop.current().run_in_executor(None, lambda: parse_request(parse_body(raw)))
 
     async def task_runner(self, app, task, messages):
         """(app, Completion class) for a background task under TASK_MODEL: the requested app (empty), the

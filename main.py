@@ -12,8 +12,9 @@ import health
 import lifecycle
 import metrics
 from config import ConfigError, load_settings
-from handlers import NotFoundHandler, Proxy, log_request, routes
+from handlers import NotFoundHandler, log_request, routes
 from marks import derive_secret
+from proxy import Proxy
 from responses_handlers import response_routes
 
 log = logging.getLogger("opendify")

@@ -17,6 +17,8 @@ import os
 import shutil
 import tempfile
 
+from identity import bearer_token
+
 log = logging.getLogger("opendify.metrics")
 
 DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
@@ -123,8 +125,7 @@ def _alive(pid):
 
 def authorized(header, key):
     """Whether an Authorization header carries the metrics key (compared in constant time)."""
-    scheme, _, token = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    return hmac.compare_digest(bearer_token(header).encode(), key.encode())
 
 
 def exposition():

@@ -12,11 +12,12 @@ from urllib.parse import urlencode
 from tornado.web import stream_request_body
 
 from apps import CHAT_FAMILY
-from completions import Answer, Completion, dify_user, estimate_tokens
+from completions import Answer, Completion, estimate_tokens
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_unreachable
 from events import translator_for
 from handlers import BaseHandler, ChatCompletionsHandler, model_not_found
+from identity import dify_user
 from memory import Binding
 from responses_api import (ResponseEventEncoder, answer_output, ending, parse_responses_request, response_echo,
                            response_object)

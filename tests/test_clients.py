@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 import marks
 import memory
-from completions import client_id
+from identity import client_id
 from config import ConfigError, settings_from
 from dify_client import DifyClient
 from fake_dify import End, ErrorEvent, FakeApp, Text, default_parameters
