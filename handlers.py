@@ -198,7 +198,7 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         request = await self.read_request(parse_chat_request)
         await self.begin(request, new_completion_id())
         if request.stream:
-            self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat)
+            self.stream = EventStreamResponse(self, self.completion)
             await self.stream.run()
             self.tokens = self.completion.usage()
             return
@@ -227,7 +227,7 @@ class TextCompletionsHandler(ChatCompletionsHandler):
         await self.begin(request, new_text_completion_id())
         if request.stream:
             encoder = TextChunkEncoder(self.completion_id, request.model)
-            self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder)
+            self.stream = EventStreamResponse(self, self.completion, encoder)
             await self.stream.run()
             self.tokens = self.completion.usage()
             return

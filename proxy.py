@@ -12,7 +12,8 @@ from conversations import ConversationCheck
 from dify_client import DifyClient
 from identity import ClientKeys
 from lifecycle import InFlight
-from streaming import FrameClock, Heartbeat
+from pacing import FrameClock
+from streaming import KeepAlive
 from uploads import Uploads
 
 
@@ -29,7 +30,8 @@ class Proxy:
                                no_proxy=settings.dify_no_proxy, ca_file=settings.ssl_cert_file,
                                ca_dir=settings.ssl_cert_dir)
         self.registry = AppRegistry(self.dify, settings.dify_api_keys, settings.model_refresh_interval)
-        self.heartbeat = Heartbeat(settings.keepalive_interval, FrameClock.from_settings(settings))
+        self.keepalive = KeepAlive(settings.keepalive_interval)
+        self.frames = FrameClock.from_settings(settings)  # None when smoothing is off
         self.uploads = Uploads.from_settings(self.dify, settings)
         self.conversations = ConversationCheck(self.dify)
         self.clients = ClientKeys(secret, settings.valid_api_keys)
@@ -43,5 +45,7 @@ class Proxy:
     def close(self):
         if self.refresher is not None:
             self.refresher.cancel()
-        self.heartbeat.stop()
+        self.keepalive.stop()
+        if self.frames is not None:
+            self.frames.stop()
         self.dify.close()

@@ -56,7 +56,7 @@ class ResponsesHandler(ChatCompletionsHandler):
             await self.completion.start()
             if request.stream:
                 encoder = ResponseEventEncoder(self.describe, self.identified)
-                self.stream = EventStreamResponse(self, self.completion, self.proxy.heartbeat, encoder)
+                self.stream = EventStreamResponse(self, self.completion, encoder)
                 await self.stream.run()
                 self.tokens = self.completion.usage()
                 return

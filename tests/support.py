@@ -6,6 +6,8 @@ import time
 
 CLIENT_KEY = "sk-test-key-one"
 OTHER_CLIENT_KEY = "sk-test-key-two"
+# Answer text with 4-byte and CJK characters, so splits of text and UTF-8 are exercised.
+WORDS = "the quick brown fox jumps over the lazy dog while a \U0001f98a and \u72d0\u72f8 watch "
 
 
 def sse_events(body):

@@ -392,7 +392,7 @@ def test_soak_of_mixed_requests_with_departures_and_faults_leaves_nothing_behind
         with ThreadPoolExecutor(8) as pool:
             list(pool.map(lambda seed: soak_request(harness, random.Random(seed)), range(count)))
         assert wait_for(lambda: harness.dify.active_streams == 0, timeout=10)
-        assert wait_for(lambda: not harness.proxy.heartbeat._streams and not harness.proxy.dify._streams, timeout=5)
+        assert wait_for(lambda: not harness.proxy.keepalive._streams and not harness.proxy.dify._streams, timeout=5)
 
     batch(60)
     warm = open_descriptors()
