@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import tools
+from attachment_support import png
 from apps import App
 from completions import Completion
 from config import settings_from
@@ -28,7 +29,6 @@ from fake_dify import Drop, End, ErrorEvent, Event, Hang, HttpError, Ping, Raw, 
 from memory import Binding
 from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
-from test_files import png
 
 CHAT = "Chat Bot"
 FLOW = "Flow Bot"
