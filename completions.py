@@ -13,7 +13,7 @@ import marks
 import memory
 import metrics
 import tasks
-import tools
+import tool_prompt
 from apps import CHAT_FAMILY
 from content import content_text
 from conversations import ConversationCheck
@@ -23,6 +23,8 @@ from files import Uploads
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
 from output_format import format_instructions, json_reply, wants_json
+from tool_calls import ToolCallParser, openai_tool_call
+from tool_request import ToolRequestError, for_policy, tool_request
 
 log = logging.getLogger("opendify.completions")
 
@@ -63,7 +65,7 @@ class Answer:
             elif kind is REPLACE:
                 self.content = [value]
             elif kind is TOOL_CALL:
-                self.tool_calls.append(tools.openai_tool_call(value))
+                self.tool_calls.append(openai_tool_call(value))
                 self.legacy = bool(value.get("legacy"))
 
     def message(self):
@@ -104,10 +106,10 @@ class Completion:
         self._json_text = []
         self.plan = None
         try:
-            self.tool_request = self._kept_tools(tools.tool_request(request.body))
-        except tools.ToolRequestError as error:
+            self.tool_request = self._kept_tools(tool_request(request.body))
+        except ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
-        self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
+        self.tool_parser = ToolCallParser(self.tool_request) if self.tool_request else None
         self._tools_seen = None
         self._tool_text = ""
         self._held = ""
@@ -133,7 +135,7 @@ class Completion:
         if self.task is not None:
             return None  # a background task is answered in text, whatever tools came with it
         policy = self.settings.client_tools_for(self.request.model) if self.settings is not None else "all"
-        kept = tools.for_policy(requested, policy)
+        kept = for_policy(requested, policy)
         if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
             return None
         return kept
@@ -187,11 +189,11 @@ class Completion:
         if request is None:
             self._tools_seen = plan.tools_seen if plan.conversation_id else None
         else:
-            catalogue = tools.catalogue(request)
+            catalogue = tool_prompt.catalogue(request)
             seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
             known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
             self._tools_seen = seen
-            self._tool_text = tools.tool_instructions(request, with_catalogue=not known)
+            self._tool_text = tool_prompt.tool_instructions(request, with_catalogue=not known)
             if self._tool_text:
                 query += "\n\n" + self._tool_text
         if self.format_instructions:
@@ -472,7 +474,7 @@ class Completion:
                 self._visible = [value] if not self.request.stream or not self._visible else [
                     "".join(self._visible), "\n\n", value]
             elif kind is TOOL_CALL:
-                self._calls.append(tools.openai_tool_call(value))
+                self._calls.append(openai_tool_call(value))
 
     @property
     def conversation_id(self):
