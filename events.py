@@ -22,6 +22,7 @@ import re
 from urllib.parse import urljoin, urlsplit
 
 from errors import APIError, from_dify
+from usage import estimate_tokens
 
 CONTENT = "content"
 REASONING = "reasoning"
@@ -580,7 +581,7 @@ class WorkflowTranslator(AnswerTranslator):
             total = 0
         if total <= 0:
             return None
-        completion = min(total, (self.text_length + 3) // 4)
+        completion = min(total, estimate_tokens(self.text_length))
         return {"prompt_tokens": total - completion, "completion_tokens": completion, "total_tokens": total}
 
     _HANDLERS = {**AnswerTranslator._HANDLERS, "workflow_finished": _workflow_finished}
