@@ -12,7 +12,7 @@ from errors import APIError
 from events import (CONTENT, REASONING, REPLACE, AnswerTranslator, ThinkSplitter, WorkflowTranslator,
                     describe_arguments, file_markdown, render_outputs, summarise, tool_uses, translator_for)
 from inputs import check_inputs, form_variables, text_variable
-from openai_api import TextChunkEncoder, parse_text_completion_request, text_completion_body
+from openai_api import TextChunkEncoder, completion_body, parse_text_completion_request, text_choice
 
 BASE_ENV = {"DIFY_API_KEYS": "app-a", "DIFY_API_BASE": "https://dify.example/v1/", "VALID_API_KEYS": "k1"}
 
@@ -386,7 +386,8 @@ def test_unusable_prompts_are_400(prompt):
 
 
 def test_text_completion_shapes():
-    body = text_completion_body("cmpl-1", 7, "m", "Hi", "tool_calls", {"prompt_tokens": 1, "completion_tokens": 2})
+    body = completion_body("cmpl-1", 7, "m", text_choice("Hi", "tool_calls"), {"prompt_tokens": 1, "completion_tokens": 2},
+                           kind="text_completion")
     assert body == {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
                     "choices": [{"text": "Hi", "index": 0, "logprobs": None, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
