@@ -172,7 +172,7 @@ class Completion:
                 plan = await self._check_conversation(plan)
         else:
             folded = await off_loop_if_long(messages, memory.fold_query, messages)
-            plan = memory.Plan("", folded, folded)
+            plan = memory.fresh_plan(folded)
         if not plan.fresh_query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")
