@@ -17,11 +17,12 @@ import tools
 from apps import CHAT_FAMILY
 from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
+from dify_events import translator_for
 from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from files import Uploads
-from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from inputs import check_inputs, form_variables, text_variable
 from output_format import format_instructions, json_reply, wants_json
+from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 
 log = logging.getLogger("opendify.completions")
 

@@ -15,7 +15,7 @@ from apps import CHAT_FAMILY
 from completions import Answer, Completion, estimate_tokens
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_unreachable
-from events import translator_for
+from dify_events import translator_for
 from handlers import BaseHandler, ChatCompletionsHandler, model_not_found
 from identity import dify_user
 from memory import Binding
