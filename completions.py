@@ -15,6 +15,7 @@ import metrics
 import tasks
 import tools
 from apps import CHAT_FAMILY
+from content import content_text
 from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from dify_events import translator_for
@@ -574,7 +575,8 @@ class LocalAnswer(Completion):
 
     async def start(self):
         self._local = tasks.local_answer(self.task, self.request.messages) or ""
-        self.query_length = sum(len(tasks.message_text(m.get("content"))) for m in self.request.messages)
+        self.query_length = sum(len(content_text(m.get("content"), placeholders=False))
+                                for m in self.request.messages)
 
     async def next_pieces(self):
         if self._local is None or self._cancelled:

@@ -110,8 +110,6 @@ or a link reference definition.  ``mark_placement(answer)`` says which;
 ``strip_marks`` removes only the mark.
 """
 
-from __future__ import annotations
-
 import functools
 import hashlib
 import hmac
@@ -119,19 +117,6 @@ import os
 import re
 import uuid
 from dataclasses import dataclass
-
-__all__ = [
-    "ALPHABET",
-    "MARK_LENGTH",
-    "Mark",
-    "derive_secret",
-    "find_mark",
-    "fingerprint",
-    "has_mark_characters",
-    "make_mark",
-    "mark_placement",
-    "strip_marks",
-]
 
 ALPHABET = "\u200b\u200c\u200d\u2060\u2061\u2062\u2063\u2064"
 _INDEX = {ch: i for i, ch in enumerate(ALPHABET)}
@@ -148,6 +133,7 @@ _FINGERPRINT_BYTES = 4
 
 @dataclass(frozen=True)
 class _Format:
+    """One mark version's layout: its version byte, delimiters and the fingerprint bytes it adds."""
     version: bytes
     start: str
     end: str
@@ -173,7 +159,7 @@ _FORMATS = {START: _V1, START2: _V2}
 MARK_LENGTH = _V2.length  # 90
 MARK_V1_LENGTH = _V1.length  # 68
 
-# Verifying a candidate costs two HMACs; cap the work per content value so an
+# Verifying a candidate costs two HMACs; cap the work per reply so an
 # adversarial history full of mark-shaped runs stays cheap.  Candidates are
 # tried newest first, so only a client hiding its own valid mark behind this
 # many invalid ones can lose it.
@@ -197,14 +183,11 @@ class Mark:
     message: bytes | None = None
     tools: bytes | None = None
 
+
 _SECRET_LABEL = b"opendify/marks/secret/v1"
 
 
-# --------------------------------------------------------------------------
-# secret
-
-
-def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
+def _hkdf(ikm, salt, info, length=32):
     """HKDF-SHA256 (RFC 5869)."""
     prk = hmac.new(salt, ikm, hashlib.sha256).digest()
     out, block, counter = b"", b"", 1
@@ -215,16 +198,16 @@ def _hkdf(ikm: bytes, salt: bytes, info: bytes, length: int = 32) -> bytes:
     return out[:length]
 
 
-def _bytes(s: str) -> bytes:
+def _bytes(s):
     return s.encode("utf-8", "surrogatepass")
 
 
-def _field(s: str) -> bytes:
+def _field(s):
     b = _bytes(s)
     return len(b).to_bytes(4, "big") + b
 
 
-def derive_secret(explicit: str | None, material: list[str]) -> bytes:
+def derive_secret(explicit, material):
     """The 32-byte mark secret.
 
     ``explicit`` (a configured secret) wins when it is a non-empty string;
@@ -243,37 +226,32 @@ def derive_secret(explicit: str | None, material: list[str]) -> bytes:
 
 
 @functools.lru_cache(maxsize=32)
-def _subkeys(secret: bytes) -> tuple[bytes, bytes, bytes]:
+def _subkeys(secret):
     mac = hmac.new(secret, b"opendify/marks/v1/mac", hashlib.sha256).digest()
     enc = hmac.new(secret, b"opendify/marks/v1/enc", hashlib.sha256).digest()
     fingerprints = hmac.new(secret, b"opendify/marks/v2/fingerprint", hashlib.sha256).digest()
     return mac, enc, fingerprints
 
 
-def fingerprint(secret: bytes, kind: str, value: str) -> bytes:
+def fingerprint(secret, kind, value):
     """A 4-byte keyed fingerprint of `value` (a Dify message id, a tool catalogue) for a mark to carry."""
     key = _subkeys(bytes(secret))[2]
     return hmac.new(key, _field(kind) + _field(value), hashlib.sha256).digest()[:_FINGERPRINT_BYTES]
 
 
-def _tag(k_mac: bytes, fmt: _Format, binding: bytes, raw: bytes) -> bytes:
+def _tag(k_mac, fmt, binding, raw):
     return hmac.new(k_mac, fmt.version + binding + raw, hashlib.sha256).digest()[:_TAG_BYTES]
 
 
-def _keystream(k_enc: bytes, binding: bytes, tag: bytes) -> bytes:
+def _keystream(k_enc, binding, tag):
     return hmac.new(k_enc, binding + tag, hashlib.sha256).digest()[:_UUID_BYTES]
 
 
-def _xor(a: bytes, b: bytes) -> bytes:
+def _xor(a, b):
     return (int.from_bytes(a, "big") ^ int.from_bytes(b, "big")).to_bytes(len(a), "big")
 
 
-# --------------------------------------------------------------------------
-# writing
-
-
-def make_mark(conversation_id: str, *, secret: bytes, app_id: str, client_id: str,
-              message_id: str | None = None, tools: bytes | None = None) -> str:
+def make_mark(conversation_id, *, secret, app_id, client_id, message_id=None, tools=None):
     """The invisible mark for ``conversation_id``: version 2 (MARK_LENGTH characters) carrying
     the fingerprint of ``message_id`` (the Dify message the mark will sit on) and ``tools`` (the
     fingerprint of the tool catalogue the conversation has been given; None: none); version 1
@@ -312,7 +290,7 @@ _LINK_DEFINITION = re.compile(r" {0,3}\[[^\]]+\]:")
 _BARE_ADDRESS = re.compile(r"(?:[a-z][a-z0-9+.-]*://|www\.|mailto:)[^\s<>]*\Z|[^\s<>()@]+@[^\s<>()@]+\.\w+\Z", re.I)
 
 
-def mark_placement(answer: str) -> str:
+def mark_placement(answer):
     """Where the mark goes: "inline" (attached to the end of the last line, before any trailing
     whitespace) or "own-line" (after a newline), when the last line is one that appended text
     would change: a code fence, a thematic break or setext underline, a link reference
@@ -329,16 +307,12 @@ def mark_placement(answer: str) -> str:
     return "inline"
 
 
-# --------------------------------------------------------------------------
-# reading
-
-
-def has_mark_characters(text: str) -> bool:
+def has_mark_characters(text):
     """True if ``text`` contains any alphabet character (cheap pre-check)."""
     return isinstance(text, str) and _ALPHA_RE.search(text) is not None
 
 
-def strip_marks(text: str) -> str:
+def strip_marks(text):
     """``text`` with every mark-shaped run (valid or not) removed.
 
     Only complete START + 64 alphabet characters + END runs are removed, so
@@ -349,7 +323,7 @@ def strip_marks(text: str) -> str:
     return _MARK_RE.sub("", text)
 
 
-def _decode(run: str, k_mac: bytes, k_enc: bytes, binding: bytes) -> Mark | None:
+def _decode(run, k_mac, k_enc, binding):
     fmt = _FORMATS[run[:2]]
     n = 0
     for ch in run[2:2 + fmt.payload_chars]:
@@ -367,46 +341,24 @@ def _decode(run: str, k_mac: bytes, k_enc: bytes, binding: bytes) -> Mark | None
     return Mark(conversation_id, extra[:_FINGERPRINT_BYTES], extra[_FINGERPRINT_BYTES:])
 
 
-def _texts(content) -> list[str]:
-    if isinstance(content, str):
-        return [content]
-    texts = []
-    if isinstance(content, (list, tuple)):
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict):
-                text = part.get("text")
-                if isinstance(text, str) and part.get("type", "text") == "text":
-                    texts.append(text)
-    return texts
+def find_mark(text, *, secret, app_id, client_id):
+    """The last valid mark in ``text`` (its conversation id a lowercase canonical UUID).
 
-
-def find_mark(content, *, secret: bytes, app_id: str, client_id: str) -> Mark | None:
-    """The last valid mark in ``content`` (its conversation id a lowercase canonical UUID).
-
-    ``content`` is a message's content: a str, None, or a list of OpenAI
-    content parts (``{"type": "text", "text": ...}``).  Marks made with another
-    secret, app or client, and corrupted or forged marks, are ignored.  Returns
-    None when there is no valid mark; never raises on arbitrary content.
+    ``text`` is what the client resent of a reply (content.content_text without placeholders).
+    Marks made with another secret, app or client, and corrupted or forged marks, are ignored.
+    Returns None when there is no valid mark; never raises on arbitrary input.
     """
     if not isinstance(app_id, str) or not isinstance(client_id, str):
         return None
     if not isinstance(secret, (bytes, bytearray)) or not secret:
         return None
-    texts = [t for t in _texts(content) if has_mark_characters(t)]
-    if not texts:
+    if not has_mark_characters(text):
         return None
     k_mac, k_enc, _ = _subkeys(bytes(secret))
     binding = _field(app_id) + _field(client_id)
-    budget = MAX_CANDIDATES
-    for text in reversed(texts):
-        candidates = [m.group(1) for m in _CANDIDATE_RE.finditer(text)]
-        for run in reversed(candidates):
-            if budget <= 0:
-                return None
-            budget -= 1
-            found = _decode(run, k_mac, k_enc, binding)
-            if found is not None:
-                return found
+    candidates = [m.group(1) for m in _CANDIDATE_RE.finditer(text)]
+    for run in reversed(candidates[-MAX_CANDIDATES:]):
+        found = _decode(run, k_mac, k_enc, binding)
+        if found is not None:
+            return found
     return None

@@ -37,45 +37,18 @@ import json
 import uuid
 from dataclasses import dataclass
 
-import files
 import marks
 import tools
+from content import content_text
 from errors import bad_request
 
 SYSTEM_ROLES = ("system", "developer")
 
 
-def part_text(part):
-    """One content part as text; attachments become placeholders like `[image: cat.png]`."""
-    if not isinstance(part, dict):
-        return str(part) if isinstance(part, str) else ""
-    kind = part.get("type")
-    if kind in ("text", "input_text", "output_text"):
-        return str(part.get("text") or "")
-    if kind == "refusal":
-        return str(part.get("refusal") or "")
-    if kind in files.ATTACHMENT_PARTS:
-        return files.placeholder(part)
-    return f"[{kind}]" if kind else ""
-
-
-def content_text(content):
-    """Message content (string, list of parts or null) as plain text."""
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    return "\n".join(text for text in (part_text(part) for part in content) if text)
-
-
-def render_tool_result(message, names_by_id):
-    return tools.render_tool_result({**message, "content": content_text(message.get("content"))}, names_by_id)
-
-
 def render_turn(message, names_by_id):
     role = message.get("role")
     if role in ("tool", "function"):
-        return render_tool_result(message, names_by_id)
+        return tools.render_tool_result(message, names_by_id)
     text = content_text(message.get("content"))
     if role == "assistant":
         text = marks.strip_marks(text).strip()
@@ -210,11 +183,7 @@ def _newest_marked_reply(messages):
 
 
 def _has_mark(content):
-    if isinstance(content, str):
-        return marks.has_mark_characters(content)
-    return isinstance(content, list) and any(
-        isinstance(part, dict) and isinstance(part.get("text"), str) and marks.has_mark_characters(part["text"])
-        for part in content)
+    return marks.has_mark_characters(content_text(content, placeholders=False))
 
 
 def checked_conversation_id(value):
@@ -237,7 +206,8 @@ def plan_conversation(messages, binding, explicit_id=""):
     index = _newest_marked_reply(messages)
     if index is None:
         return Plan("", fresh, fresh)
-    found = marks.find_mark(messages[index].get("content"), secret=binding.secret, app_id=binding.app_id,
+    reply = content_text(messages[index].get("content"), placeholders=False)
+    found = marks.find_mark(reply, secret=binding.secret, app_id=binding.app_id,
                             client_id=_mark_client(binding, messages[:index + 1]))
     new = [m for m in messages[index + 1:] if m.get("role") not in SYSTEM_ROLES]
     if found is None or not new:

@@ -14,6 +14,8 @@ beyond "General", no follow-ups, no search queries.
 import json
 import re
 
+from content import content_text
+
 # Open WebUI: one user message, "### Task:" then the instructions, quoting the chat.
 _OPEN_WEBUI = re.compile(r"\A\s*###\s*Task:\s*(.{0,300})", re.S | re.I)
 _OPEN_WEBUI_BODY = re.compile(r"<chat_history>|###\s*(?:Output|Chat History|Guidelines)|JSON format", re.I)
@@ -33,23 +35,13 @@ _FIRST_USER_LINE = re.compile(r"^\s*(?:USER|User|user|Human)\s*:\s*(.+)$", re.M)
 _TITLE_WORDS = 5
 
 
-def message_text(content):
-    """A message content (string or parts) as text."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        return "\n".join(part.get("text") for part in content
-                         if isinstance(part, dict) and isinstance(part.get("text"), str))
-    return ""
-
-
 def task_kind(messages):
     """What background task a request is ("title", "tags", "follow_ups", "queries", "autocomplete",
     "emoji", "plain_title" or "task" for another Open WebUI task), or None for a real chat turn."""
     users = [m for m in messages if m.get("role") == "user"]
     if not users:
         return None
-    last = message_text(users[-1].get("content"))
+    last = content_text(users[-1].get("content"), placeholders=False)
     found = _OPEN_WEBUI.match(last)
     if found and len(users) == 1 and not any(m.get("role") == "assistant" for m in messages) \
             and _OPEN_WEBUI_BODY.search(last):
@@ -57,7 +49,8 @@ def task_kind(messages):
         return next((kind for kind, pattern in _OPEN_WEBUI_KINDS if pattern.search(head)), "task")
     if len(users) == 1 and _OPEN_WEBUI_EMOJI.search(last):
         return "emoji"
-    system = " ".join(message_text(m.get("content")) for m in messages if m.get("role") in ("system", "developer"))
+    system = " ".join(content_text(m.get("content"), placeholders=False) for m in messages
+                      if m.get("role") in ("system", "developer"))
     if _PLAIN_TITLE.search(system[:2000]) or _PLAIN_TITLE.search(last[:2000]):
         return "plain_title"
     return None
@@ -66,7 +59,7 @@ def task_kind(messages):
 def _first_words(messages):
     """A title from the first thing the user said in the quoted chat: its first words."""
     for message in messages:
-        text = message_text(message.get("content"))
+        text = content_text(message.get("content"), placeholders=False)
         quoted = _FIRST_USER_LINE.search(text)
         if quoted:
             text = quoted.group(1)

@@ -80,6 +80,8 @@ import secrets
 import string
 from dataclasses import dataclass
 
+from content import content_text
+
 __all__ = [
     "ToolSpec", "ToolRequest", "ToolRequestError", "tool_request", "tool_instructions", "catalogue", "turn_rule",
     "for_policy",
@@ -511,33 +513,13 @@ def render_tool_calls(tool_calls):
     return "\n".join(blocks)
 
 
-def _content_text(content):
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if isinstance(part, str):
-                texts.append(part)
-            elif isinstance(part, dict):
-                text = part.get("text")
-                if isinstance(text, str):
-                    texts.append(text)
-                elif part.get("type"):
-                    texts.append(f"[{part['type']}]")
-        return "\n".join(t for t in texts if t)
-    return _dump(content)
-
-
 def render_tool_result(message, names_by_id):
     """A `role: tool` (or legacy `role: function`) message as a delimited result block that
     names the tool and the tool_call_id, so the model can pair it with its call."""
     call_id = message.get("tool_call_id") or ""
     name = message.get("name") or names_by_id.get(call_id) or ""
     attributes = (f' id="{_attribute(call_id)}"' if call_id else "") + f' name="{_attribute(name)}"'
-    return f"<tool_result{attributes}>\n{_content_text(message.get('content'))}\n</tool_result>"
+    return f"<tool_result{attributes}>\n{content_text(message.get('content'))}\n</tool_result>"
 
 
 # --------------------------------------------------------------------------- lenient JSON

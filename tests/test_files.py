@@ -16,8 +16,8 @@ import zlib
 import openai
 import pytest
 
+import content
 import files
-import memory
 from apps import App
 from config import ConfigError, settings_from
 from fake_dify import FakeApp, default_parameters
@@ -611,13 +611,13 @@ def test_attachment_parts_are_those_of_the_new_turn_with_their_place():
 
 
 def test_history_placeholders_never_carry_data():
-    assert memory.part_text(image(data_url(png()))) == "[image: png]"
-    assert memory.part_text(image(data_url(JPEG, "image/png", name="me.jpg"))) == "[image: me.jpg]"
-    assert memory.part_text(image("data:image/png;base64,!!!!")) == "[image]"
-    assert memory.part_text(image("https://x.example/p/ca%20t.gif?x=1")) == "[image: ca t.gif]"
-    assert memory.part_text(file_part(PDF, "../secret/a.pdf")) == "[file: a.pdf]"
-    assert memory.part_text({"type": "image_url", "image_url": "https://x.example/"}) == "[image]"
-    assert memory.part_text(image("http://[::1/cat.png")) == "[image]"
+    assert content.part_text(image(data_url(png()))) == "[image: png]"
+    assert content.part_text(image(data_url(JPEG, "image/png", name="me.jpg"))) == "[image: me.jpg]"
+    assert content.part_text(image("data:image/png;base64,!!!!")) == "[image]"
+    assert content.part_text(image("https://x.example/p/ca%20t.gif?x=1")) == "[image: ca t.gif]"
+    assert content.part_text(file_part(PDF, "../secret/a.pdf")) == "[file: a.pdf]"
+    assert content.part_text({"type": "image_url", "image_url": "https://x.example/"}) == "[image]"
+    assert content.part_text(image("http://[::1/cat.png")) == "[image]"
 
 
 def test_upload_cache_is_bounded_and_expires():

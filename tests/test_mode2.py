@@ -274,3 +274,14 @@ def test_stopped_or_scripted_answers_still_carry_a_mark(make_harness):
     reply = ask(harness, [{"role": "user", "content": "table"}], model="M")
     assert marks.strip_marks(reply) == "| a | b |", "attached to the row: no line that would become a table row"
     assert marks.has_mark_characters(reply)
+
+
+def test_a_reply_resent_as_output_text_parts_continues_the_conversation(chat):
+    """The mark is read from the same written text the transcript digest is made of, whatever the
+    text part's type (it was read from `text` parts only, so the chat restarted)."""
+    reply = ask(chat, [{"role": "user", "content": "hi"}])
+    ask(chat, [{"role": "user", "content": "hi"},
+               {"role": "assistant", "content": [{"type": "output_text", "text": reply}]},
+               {"role": "user", "content": "next"}])
+    sent = chat.chat_bodies()[-1]
+    assert sent["conversation_id"] == first_conversation(chat) and sent["query"] == "next"

@@ -7,6 +7,7 @@ import pytest
 import memory
 from apps import assign_ids, key_id
 from config import ConfigError, settings_from
+from content import content_text
 from dify_events import AnswerTranslator
 from errors import APIError, from_dify
 from identity import client_id, dify_user
@@ -75,7 +76,7 @@ def test_list_content_renders_as_text_never_repr_or_base64():
                {"type": "image_url", "image_url": {"url": "https://example.com/pics/cat.jpg"}},
                {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBER"}},
                {"type": "input_audio", "input_audio": {"data": "UklGR", "format": "wav"}}]
-    text = memory.content_text(content)
+    text = content_text(content)
     assert text == "Look:\n[image]\n[image: cat.jpg]\n[file: a.pdf]\n[audio: wav]"
     folded = memory.fold_query([{"role": "user", "content": content}, {"role": "assistant", "content": "ok"},
                                 {"role": "user", "content": "and?"}])
