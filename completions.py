@@ -12,18 +12,16 @@ from tornado.ioloop import IOLoop
 import marks
 import memory
 import metrics
-import tasks
 import tools
 from apps import CHAT_FAMILY
 from content import content_text
-from conversations import ConversationCheck
 from dify_client import DifyError, StreamFailure
 from dify_events import translator_for
 from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from files import Uploads
 from inputs import check_inputs, form_variables, text_variable
 from output_format import format_instructions, json_reply, wants_json
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
+from usage import usage_figures
 
 log = logging.getLogger("opendify.completions")
 
@@ -40,10 +38,6 @@ async def off_loop_if_long(messages, function, *args):
     if len(messages) <= LONG_HISTORY:
         return function(*args)
     return await IOLoop.current().run_in_executor(None, function, *args)
-
-
-def estimate_tokens(text_length):
-    return max(1, (text_length + 3) // 4) if text_length else 0
 
 
 class Answer:
@@ -83,8 +77,7 @@ class Answer:
 class Completion:
     """Drives one Dify run for one OpenAI request and yields its pieces in order."""
 
-    def __init__(self, dify, app, request, user, settings=None, binding=None, uploads=None, marks=True,
-                 conversations=None, task=None):
+    def __init__(self, dify, app, request, user, settings, binding, uploads, conversations, task=None, marks=True):
         self.dify = dify
         self.task = task
         self.app = app
@@ -93,12 +86,11 @@ class Completion:
         self.settings = settings
         self.translator = translator_for(app.mode, request.model, settings)
         self.binding = binding
-        self.uploads = uploads if uploads is not None else Uploads(dify)
-        self.conversations = conversations if conversations is not None else ConversationCheck(dify)
+        self.uploads = uploads
+        self.conversations = conversations
         self.conversational = app.mode in CHAT_FAMILY
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
-        self.reads_marks = (marks and task is None and self.conversational and binding is not None
-                            and settings is not None and settings.conversation_memory_mode == 2)
+        self.reads_marks = marks and task is None and self.conversational and settings.conversation_memory_mode == 2
         # A reply that must parse as JSON carries no mark: its conversation id is in X-Dify-Conversation-Id.
         self.structured = wants_json(request.body.get("response_format"))
         self.marks_replies = self.reads_marks and not self.structured
@@ -133,8 +125,7 @@ class Completion:
         for completion and workflow apps (not chat agents) only a call the request forces."""
         if self.task is not None:
             return None  # a background task is answered in text, whatever tools came with it
-        policy = self.settings.client_tools_for(self.request.model) if self.settings is not None else "all"
-        kept = tools.for_policy(requested, policy)
+        kept = tools.for_policy(requested, self.settings.client_tools_for(self.request.model))
         if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
             return None
         return kept
@@ -189,7 +180,7 @@ class Completion:
             self._tools_seen = plan.tools_seen if plan.conversation_id else None
         else:
             catalogue = tools.catalogue(request)
-            seen = memory.tools_fingerprint(catalogue, self.binding) if self.binding is not None else None
+            seen = memory.tools_fingerprint(catalogue, self.binding)
             known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
             self._tools_seen = seen
             self._tool_text = tools.tool_instructions(request, with_catalogue=not known)
@@ -211,7 +202,7 @@ class Completion:
         given = self.request.inputs
         target = None
         if self.app.mode in ("completion", "workflow"):
-            target = text_variable(form, given, self.settings.input_variable if self.settings else "")
+            target = text_variable(form, given, self.settings.input_variable)
             if target is not None:
                 query = self._fitted(query, next((v for v in form or () if v.name == target), None))
                 given = {**given, target: query}
@@ -494,11 +485,7 @@ class Completion:
 
     def usage(self):
         """Dify's usage figures, or an estimate from the text lengths when Dify reported none."""
-        usage = self.translator.usage or {}
-        if usage.get("total_tokens") or usage.get("prompt_tokens") or usage.get("completion_tokens"):
-            return usage
-        return {"prompt_tokens": estimate_tokens(self.query_length),
-                "completion_tokens": estimate_tokens(self.answer_length)}
+        return usage_figures(self.translator.usage, self.query_length, self.answer_length)
 
     @property
     def cancelled(self):
@@ -571,10 +558,14 @@ class Completion:
 
 
 class LocalAnswer(Completion):
-    """A background task answered by the proxy itself (TASK_MODEL=local): no Dify run, no cost."""
+    """A background task answered by the proxy itself (TASK_MODEL=local): no Dify run, no cost. `answer` is
+    the text tasks.local_answer made for it when the handler chose to answer it here."""
+
+    def __init__(self, answer, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._local = answer
 
     async def start(self):
-        self._local = tasks.local_answer(self.task, self.request.messages) or ""
         self.query_length = sum(len(content_text(m.get("content"), placeholders=False))
                                 for m in self.request.messages)
 

@@ -28,18 +28,16 @@ _KNOWN_LIMIT = 10000
 class ConversationCheck:
     """Remembers, per app key, Dify user and conversation, when the conversation was last known to exist."""
 
-    def __init__(self, dify, known_for=KNOWN_FOR, clock=time.monotonic):
+    def __init__(self, dify):
         self.dify = dify
-        self.known_for = known_for
-        self.clock = clock
-        self.asked = 0  # GET /messages calls made, for tests and the note's figures
         self._known = OrderedDict()
 
     def needed(self, mode):
+        """Whether an app of this mode meets an unknown conversation with silence, so must be asked first."""
         return mode in WORKER_RUN_MODES
 
     def _remember(self, entry):
-        self._known[entry] = self.clock()
+        self._known[entry] = time.monotonic()
         self._known.move_to_end(entry)
         while len(self._known) > _KNOWN_LIMIT:
             self._known.popitem(last=False)
@@ -50,9 +48,8 @@ class ConversationCheck:
         unreachable, still propagates: the turn could not run either)."""
         entry = (key, user, conversation_id)
         seen = self._known.get(entry)
-        if seen is not None and self.clock() - seen < self.known_for:
+        if seen is not None and time.monotonic() - seen < KNOWN_FOR:
             return True
-        self.asked += 1
         try:
             latest = await self.dify.latest_message(key, conversation_id, user)
         except DifyError as error:

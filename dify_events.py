@@ -19,6 +19,7 @@ from answer_markdown import file_markdown, files_base, render_outputs
 from errors import APIError, from_dify
 from pieces import CONTENT, REASONING, REPLACE
 from thinking import ThinkSplitter
+from usage import estimate_tokens
 
 _NOT_TEXT = frozenset(("message_replace", "message_end"))
 _AGENT_MODES = ("agent-chat", "agent")
@@ -323,5 +324,5 @@ class WorkflowTranslator(AnswerTranslator):
             total = 0
         if total <= 0:
             return None
-        completion = min(total, (self.text_length + 3) // 4)
+        completion = min(total, estimate_tokens(self.text_length))
         return {"prompt_tokens": total - completion, "completion_tokens": completion, "total_tokens": total}

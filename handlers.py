@@ -8,6 +8,7 @@ access log line.
 import logging
 import time
 import uuid
+from functools import partial
 from urllib.parse import unquote
 
 import metrics
@@ -170,29 +171,29 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         if not request.conversation_id:
             request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
         task = task_kind(request.messages)
-        kind = Completion
+        local = None
         if task is not None:
-            app, kind = await self.task_runner(app, task, request.messages)
+            app, local = await self.task_runner(app, task, request.messages)
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
+        kind = Completion if local is None else partial(LocalAnswer, local)
         self.completion = kind(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                               self.proxy.settings, binding, self.proxy.uploads, task=task,
-                               conversations=self.proxy.conversations)
+                               self.proxy.settings, binding, self.proxy.uploads, self.proxy.conversations, task=task)
         if self.departed:
             self.completion.cancel()
         await self.completion.start()
 
     async def task_runner(self, app, task, messages):
-        """(app, Completion class) for a background task under TASK_MODEL: the requested app (empty), the
-        proxy itself (`local`, when it can answer that task), or the named model."""
+        """(app, the proxy's own answer or None) for a background task under TASK_MODEL: the requested app
+        (empty), the proxy itself (`local`, when it can answer that task), or the named model."""
         setting = self.proxy.settings.task_model
         if setting == "local":
-            return app, (LocalAnswer if local_answer(task, messages) is not None else Completion)
+            return app, local_answer(task, messages)
         if setting:
             routed = await self.proxy.registry.resolve(setting)
             if routed is not None:
-                return routed, Completion
+                return routed, None
             log.warning("TASK_MODEL=%r names no model; the background task runs on the requested one", setting)
-        return app, Completion
+        return app, None
 
     async def answer(self):
         request = await self.read_request(parse_chat_request)

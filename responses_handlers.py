@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from tornado.web import stream_request_body
 
 from apps import CHAT_FAMILY
-from completions import Answer, Completion, estimate_tokens
+from completions import Answer, Completion
 from dify_client import DifyError, StreamFailure
 from errors import APIError, bad_request, from_dify, upstream_unreachable
 from dify_events import translator_for
@@ -23,6 +23,7 @@ from responses_api import (ResponseEventEncoder, answer_output, ending, parse_re
                            response_object)
 from responses_ids import make_response_id, read_response_id
 from streaming import EventStreamResponse
+from usage import usage_figures
 
 HISTORY_PAGE = 100  # the most messages one Dify GET /messages returns: how far back GET /v1/responses/{id} reaches
 
@@ -48,8 +49,8 @@ class ResponsesHandler(ChatCompletionsHandler):
             chat.conversation_id, chat.user = ref.conversation_id, ref.user
         binding = Binding(self.proxy.secret, self.app.mark_id, self.client)
         self.completion = Completion(self.proxy.dify, self.app, chat, dify_user(self.client, chat.user),
-                                     self.proxy.settings, binding, self.proxy.uploads, marks=False,
-                                     conversations=self.proxy.conversations)
+                                     self.proxy.settings, binding, self.proxy.uploads, self.proxy.conversations,
+                                     marks=False)
         if self.departed:
             self.completion.cancel()
         try:
@@ -146,7 +147,7 @@ class ResponseHandler(BaseHandler):
         self.model = app.model_id
         text = row.get("answer") if isinstance(row.get("answer"), str) else ""
         query_text = row.get("query") if isinstance(row.get("query"), str) else ""
-        usage = {"prompt_tokens": estimate_tokens(len(query_text)), "completion_tokens": estimate_tokens(len(text))}
+        usage = usage_figures(None, len(query_text), len(text))
         created = row.get("created_at") if isinstance(row.get("created_at"), int) else int(time.time())
         self.write_json(response_object(response_id, created, app.model_id, response_echo({}, None),
                                         answer_output(self.stored_answer(app, text)), "completed", usage))

@@ -21,8 +21,11 @@ from hypothesis import strategies as st
 import tools
 from apps import App
 from completions import Completion
+from config import settings_from
+from conversations import ConversationCheck
 from dify_events import AnswerTranslator
 from fake_dify import Drop, End, ErrorEvent, Event, Hang, HttpError, Ping, Raw, Sleep, Start, Text
+from memory import Binding
 from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
 from test_files import png
@@ -307,7 +310,10 @@ class BurstStream:
 def test_a_50000_event_burst_is_translated_a_slice_at_a_time_so_the_loop_stays_free():
     app = App(model_id=CHAT, name=CHAT, mode="chat", key="app-unit")
     request = parse_chat_request({"model": CHAT, "messages": [{"role": "user", "content": "x"}]})
-    completion = Completion(None, app, request, "user", uploads=object())
+    settings = settings_from({"DIFY_API_KEYS": "app-unit", "DIFY_API_BASE": "http://127.0.0.1:1/v1",
+                              "VALID_API_KEYS": CLIENT_KEY})
+    binding = Binding(b"secret", app.mark_id, "client")
+    completion = Completion(None, app, request, "user", settings, binding, object(), ConversationCheck(None))
     burst = [{"event": "message", "answer": "tok ", "task_id": "task"} for _ in range(50_000)]
     completion._stream = BurstStream(burst + [{"event": "message_end", "task_id": "task"}])
 

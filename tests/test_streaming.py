@@ -6,13 +6,14 @@ client received; the pacer's own decisions are tested with injected time in test
 
 import asyncio
 import json
+import socket
 import time
 
 import pytest
 
 from dify_client import SSEDecoder, StreamFailure
 from fake_dify import End, Event, Hang, Raw, Sleep, Text
-from support import WORDS, sse_events, wait_for
+from support import CLIENT_KEY, WORDS, sse_events, wait_for
 
 CHAT = "Chat Bot"
 
@@ -89,6 +90,28 @@ def test_an_upstream_failure_after_paced_text_flushes_it_before_the_error(harnes
     events = stream_body(harness)
     assert "".join(deltas(events)) == "Hi" + "z" * 300
     assert "error" in events[-2] and events[-1] == "[DONE]"
+
+
+def test_the_first_text_leaves_with_the_headers_and_no_event_waits_for_an_ack(harness):
+    """Time to first token: the headers, the role chunk and Dify's first text go out in one write (a
+    second write would wait behind the first for the client's delayed ACK), and while the answer streams
+    the connection sends each event at once (TCP_NODELAY)."""
+    harness.dify.script(harness.key_of(CHAT), Text("Hello"), Sleep(1.0), Text(" world"), End())
+    data = json.dumps({"model": CHAT, "stream": True, "messages": [{"role": "user", "content": "hi"}]})
+    with socket.create_connection(("127.0.0.1", harness.port), timeout=10) as conn:
+        conn.sendall((f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {CLIENT_KEY}\r\n"
+                      f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n{data}").encode())
+        first_read = conn.recv(65536)
+        assert first_read.startswith(b"HTTP/1.1 200") and b'"role":"assistant"' in first_read
+        assert b'"content":"Hello"' in first_read
+        streaming = harness.loop.call(lambda: [
+            handler.request.connection.stream.socket.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+            for handler in harness.proxy.in_flight.handlers])
+        assert streaming and all(streaming)
+        rest = b""
+        while b"[DONE]" not in rest:
+            rest += conn.recv(65536)
+    assert b'"content":" world"' in rest
 
 
 # --- connections to Dify ---------------------------------------------------------------------
