@@ -17,8 +17,8 @@ from apps import CHAT_FAMILY
 from content import content_text
 from dify_client import DifyError, StreamFailure
 from dify_events import translator_for
+from dify_requests import app_inputs, dify_query, dify_request, fits, message_variable, offered_tools, text_parts
 from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from inputs import check_inputs, form_variables, text_variable
 from output_format import format_instructions, json_reply, wants_json
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from usage import usage_figures
@@ -103,6 +103,8 @@ class Completion:
         self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
         self._tools_seen = None
         self._tool_text = ""
+        self._inputs = {}
+        self._target = None  # the input variable holding the user's text (completion and workflow apps)
         self._held = ""
         self.format_instructions = format_instructions(request.body.get("response_format"))
         self._visible = []
@@ -130,166 +132,119 @@ class Completion:
             return None
         return kept
 
-    async def query(self):
-        """The text Dify is asked: in mode 1 the whole transcript folded into it; in mode 2 (or with an
-        explicit conversation id) only the turns Dify's conversation has not seen; plus, when the
-        client offers tools, how to call them."""
+    async def start(self):
+        """Plans the query, uploads the files and opens the Dify stream; early failures raise APIError.
+        A client that left while the files were uploading gets no run at all."""
+        # Everything checkable is checked before any Dify call (a conversation check, an upload): a chat app's
+        # inputs before its query is planned, a completion or workflow app's (one holds the message) with it.
+        form, self._target = message_variable(self.app, self.request.inputs, self.settings.input_variable)
+        if self.conversational:
+            self._inputs = app_inputs(form, self.request.inputs, None, "", self._text_parts)
+        self.plan = await self._plan()
+        query = self._query()
+        if not self.conversational:
+            query = self._fitted(query, form)
+            self._inputs = app_inputs(form, self.request.inputs, self._target, query, self._text_parts)
+        self._files = await self._attachments()
+        self._open(query)
+
+    async def _plan(self):
+        """What to ask Dify: in mode 1 the whole transcript folded into one query; in mode 2 (or with an
+        explicit conversation id) only the turns Dify's conversation has not seen, once Dify confirms
+        that conversation is still the one to continue."""
         messages = self.request.messages
         explicit = self.request.conversation_id if self.conversational and self.task is None else ""
         if self.reads_marks or explicit:
-            self.plan = await off_loop_if_long(messages, memory.plan_conversation, messages, self.binding, explicit)
-            if self.plan.sits_on is not None:
-                await self._check_newest()
+            plan = await off_loop_if_long(messages, memory.plan_conversation, messages, self.binding, explicit)
+            if plan.sits_on is not None:
+                plan = await self._check_newest(plan)
             else:
-                await self._check_conversation()
+                plan = await self._check_conversation(plan)
         else:
             folded = await off_loop_if_long(messages, memory.fold_query, messages)
-            self.plan = memory.Plan("", folded, folded)
-        if not self.plan.fresh_query.strip():
+            plan = memory.Plan("", folded, folded)
+        if not plan.fresh_query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")
-        return self._with_tools(self.plan)
+        return plan
 
-    async def _check_newest(self):
-        """Continue a marked conversation only if the marked reply is still its newest message in Dify:
-        after a regenerate or an edit of the last turn Dify holds a discarded answer after it, and after
-        a deletion nothing; both start a fresh conversation from the whole visible chat."""
+    async def _check_newest(self, plan):
+        """The plan to follow: a marked conversation is continued only if the marked reply is still its
+        newest message in Dify; after a regenerate or an edit of the last turn Dify holds a discarded
+        answer after it, and after a deletion nothing; both start a fresh conversation from the whole
+        visible chat."""
         model = self.request.model
         try:
-            latest = await self.dify.latest_message(self.app.key, self.plan.conversation_id, self.user)
+            latest = await self.dify.latest_message(self.app.key, plan.conversation_id, self.user)
         except (DifyError, StreamFailure) as error:
             log.warning("model %r: could not read the Dify conversation's newest message (%s); continuing it "
                         "unchecked", model, getattr(error, "status", None) or getattr(error, "kind", ""))
-            return
+            return plan
         if latest is None:
             log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
                      "history", model)
-            self.plan = self.plan.fresh()
-        elif not memory.is_newest(self.plan, latest.get("id"), self.binding):
+            return plan.fresh()
+        if not memory.is_newest(plan, latest.get("id"), self.binding):
             log.info("model %r: the chat's last turn was regenerated or edited; starting a fresh Dify "
                      "conversation from the full history", model)
-            self.plan = self.plan.fresh()
+            return plan.fresh()
+        return plan
 
-    def _with_tools(self, plan):
-        """The plan's query with what the client asks of the answer's form: its tools (in a continued
-        conversation that already has this exact catalogue, only the turn's tool_choice rule), then
-        its output format."""
-        query = plan.query
-        request = self.tool_request
-        if request is None:
-            self._tools_seen = plan.tools_seen if plan.conversation_id else None
-        else:
-            catalogue = tools.catalogue(request)
-            seen = memory.tools_fingerprint(catalogue, self.binding)
-            known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
-            self._tools_seen = seen
-            self._tool_text = tools.tool_instructions(request, with_catalogue=not known)
-            if self._tool_text:
-                query += "\n\n" + self._tool_text
-        if self.format_instructions:
-            query += "\n\n" + self.format_instructions
-        return query
-
-    async def attachments(self):
-        """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""
-        return await self.uploads.attach(self.app, self.request.messages, self.user, self.request.model)
-
-    def inputs(self, query):
-        """(the inputs to send, the variable holding the message or None): the request's inputs checked
-        against the app's form, a 400 naming a bad one. Completion and workflow apps read the user's
-        text from a variable of their form; chat apps never do, so theirs do not depend on `query`."""
-        form = form_variables(self.app.parameters)
-        given = self.request.inputs
-        target = None
-        if self.app.mode in ("completion", "workflow"):
-            target = text_variable(form, given, self.settings.input_variable)
-            if target is not None:
-                query = self._fitted(query, next((v for v in form or () if v.name == target), None))
-                given = {**given, target: query}
-            elif self.app.mode == "workflow":
-                log.debug("model %r: the workflow's input form has no free text variable; the message is not "
-                          "sent (its inputs are)", self.request.model)
-        return check_inputs(form, given, target, self._text_parts), target
-
-    def dify_request(self, query, files, checked=None):
-        """The Dify path and body for the app's mode. Completion and workflow apps read the user's text
-        from their input form (a workflow has no `query` at all) and keep no conversation. `checked`:
-        what `inputs` already answered for a chat app, whose inputs do not depend on the query."""
-        self.query_length = len(query)
-        mode = self.app.mode
-        inputs, target = checked if checked is not None else self.inputs(query)
-        body = {"inputs": inputs, "user": self.user, "response_mode": "streaming"}
-        if files:
-            body["files"] = files
-        if mode == "workflow":
-            return "/workflows/run", body
-        if mode == "completion":
-            if target is None:
-                body["query"] = query
-            return "/completion-messages", body
-        body.update({"query": query, "conversation_id": self.plan.conversation_id, "auto_generate_name": False})
-        return "/chat-messages", body
-
-    def _fitted(self, query, variable):
-        """A forced tool's catalogue goes into a completion or workflow app's input only if it fits the
-        variable's max_length; otherwise the app gets the text without it (and answers in text)."""
-        if not self._tool_text or variable is None or not variable.max_length or len(query) <= variable.max_length:
-            return query
-        log.debug("model %r: the tool catalogue does not fit the input '%s'; sent without it", self.request.model,
-                  variable.name)
-        self.tool_request = self.tool_parser = None
-        self._tool_text = ""
-        return self._with_tools(self.plan)
-
-    def _text_parts(self):
-        """What the text for a completion or workflow app's input is made of, with lengths, so a 400
-        about its size names what made it long."""
-        parts = [(label, len(text)) for label, text in memory.folded_blocks(self.request.messages)]
-        if self._tool_text:
-            parts.append(("the tool catalogue", len(self._tool_text)))
-        if self.format_instructions:
-            parts.append(("the output format instruction", len(self.format_instructions)))
-        return parts
-
-    async def start(self):
-        """Builds the Dify request and opens the stream; early failures raise APIError. A client that
-        left while the files were uploading gets no run at all."""
-        # Everything checkable is checked before any Dify call (a conversation check, an upload): a chat app's
-        # inputs before its query is planned, a completion or workflow app's (one holds the message) with it.
-        checked = self.inputs("") if self.conversational else None
-        path, body = self.dify_request(await self.query(), [], checked)
-        self._files = await self.attachments()
-        if self._files:
-            body["files"] = self._files
-        self._open(path, body)
-
-    async def _check_conversation(self):
-        """Before continuing a conversation that `_check_newest` does not check (an explicit id, a mark
-        of the first version) on an app whose Dify (1.13+) answers an unknown one with silence, asks
-        whether it still exists: an explicit id that is gone is a 404, a marked chat whose
+    async def _check_conversation(self, plan):
+        """The plan to follow, for a conversation `_check_newest` does not check (an explicit id, a mark of
+        the first version) on an app whose Dify (1.13+) answers an unknown one with silence: Dify is
+        asked whether it still exists; an explicit id that is gone is a 404, a marked chat whose
         conversation is gone starts afresh from the whole visible history, both at once."""
-        plan = self.plan
         if not plan.conversation_id or not self.conversations.needed(self.app.mode):
-            return
+            return plan
         try:
             alive = await self.conversations.exists(self.app.key, self.user, plan.conversation_id)
         except StreamFailure as failure:
             raise self._failure_error(failure)
         if alive:
-            return
+            return plan
         if plan.explicit:
             raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
         log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
                  "history", self.request.model)
-        self.plan = plan.fresh()
+        return plan.fresh()
 
-    def _reopen(self):
-        path, body = self.dify_request(self._with_tools(self.plan), self._files)
-        self._open(path, body)
+    def _query(self):
+        """The text Dify is asked for the current plan. Keeps what the client's tools make of it: the
+        catalogue the conversation will have seen (for the reply's mark) and the tool text."""
+        self._tools_seen, self._tool_text = offered_tools(self.tool_request, self.plan, self.binding)
+        return dify_query(self.plan.query, self._tool_text, self.format_instructions)
 
-    def _open(self, path, body):
+    def _fitted(self, query, form):
+        """A forced tool's catalogue goes into a completion or workflow app's input only if it fits the
+        variable's max_length; otherwise the app gets the text without it (and answers in text)."""
+        if self._target is None:
+            if self.app.mode == "workflow":
+                log.debug("model %r: the workflow's input form has no free text variable; the message is not "
+                          "sent (its inputs are)", self.request.model)
+            return query
+        if not self._tool_text or fits(form, self._target, query):
+            return query
+        log.debug("model %r: the tool catalogue does not fit the input '%s'; sent without it", self.request.model,
+                  self._target)
+        self.tool_request = self.tool_parser = None
+        return self._query()
+
+    def _text_parts(self):
+        return text_parts(self.request.messages, self._tool_text, self.format_instructions)
+
+    async def _attachments(self):
+        """Dify file objects for the files of the new turn; a bad file is refused before anything is uploaded."""
+        return await self.uploads.attach(self.app, self.request.messages, self.user, self.request.model)
+
+    def _open(self, query):
+        """Opens the Dify stream for `query` with the current plan, inputs and files; none once the client
+        has left."""
+        self.query_length = len(query)
         if self._cancelled or self._closed:
             return
+        path, body = dify_request(self.app, self.user, query, self._inputs, self._target, self.plan.conversation_id,
+                                  self._files)
         self._stream = self.dify.stream(self.app.key, path, body)
 
     async def _retry(self, error):
@@ -304,11 +259,11 @@ class Completion:
         elif error.status == 400 and self._files and "upload file" in error.message.lower():
             log.info("model %r: Dify no longer has a cached upload; uploading the files again", self.request.model)
             self.uploads.cache.forget(self.app.key, self.user)
-            self._files = await self.attachments()
+            self._files = await self._attachments()
         else:
             return False
         self._retried = True
-        self._reopen()
+        self._open(self._query())
         return True
 
     async def next_pieces(self):

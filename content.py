@@ -17,7 +17,7 @@ It is its own module because memory, tool results, marks and task detection all 
 and they must agree on what a part says.
 """
 
-from files import ATTACHMENT_PARTS, placeholder
+from attachments import ATTACHMENT_PARTS, placeholder
 
 TEXT_PARTS = ("text", "input_text", "output_text")
 

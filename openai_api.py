@@ -126,7 +126,7 @@ def _optional_string(message, key, where):
 
 def normalise_part(part, where):
     """One content part: a string is a text part; a text part's missing text is empty; any other part
-    must be an object with a string `type` (attachments are checked by files.py when they are sent)."""
+    must be an object with a string `type` (attachments are checked by attachments.py when they are sent)."""
     if isinstance(part, str):
         return {"type": "text", "text": part}
     if not isinstance(part, dict):

@@ -10,11 +10,11 @@ import asyncio
 from apps import AppRegistry
 from conversations import ConversationCheck
 from dify_client import DifyClient
-from files import Uploads
 from identity import ClientKeys
 from lifecycle import InFlight
 from pacing import FrameClock
 from streaming import KeepAlive
+from uploads import Uploads
 
 
 class Proxy:

@@ -16,10 +16,15 @@ import zlib
 import openai
 import pytest
 
+import attachment_policy
+import attachments
 import content
-import files
+import data_urls
+import file_formats
+import uploads
 from apps import App
 from config import ConfigError, settings_from
+from errors import APIError
 from fake_dify import FakeApp, default_parameters
 from support import OTHER_CLIENT_KEY
 
@@ -504,96 +509,97 @@ def test_dify_upload_failures_name_the_file(harness, status, code, expected):
 @pytest.mark.parametrize("data, ext", [(png(), "png"), (JPEG, "jpg"), (WEBP, "webp"), (GIF, "gif"),
                                        (b"GIF87a" + GIF[6:], "gif")], ids=["png", "jpeg", "webp", "gif89a", "gif87a"])
 def test_sniff_image(data, ext):
-    assert files.sniff_image(data).ext == ext
+    assert file_formats.sniff_image(data).ext == ext
 
 
 @pytest.mark.parametrize("data", [b"", PDF, WAV, b"RIFF\0\0\0\0WEBX", b"\x89PNG\r\n", b"<svg/>", b"BM\0\0"],
                          ids=["empty", "pdf", "wav", "riff", "png-cut", "svg", "bmp"])
 def test_sniff_image_refuses_what_is_not_a_supported_image(data):
-    assert files.sniff_image(data) is None
+    assert file_formats.sniff_image(data) is None
 
 
 def test_strict_base64():
-    assert files.decode_base64("QUJD") == b"ABC" and files.decode_base64("QQ==") == b"A"
+    assert data_urls.decode_base64("QUJD") == b"ABC" and data_urls.decode_base64("QQ==") == b"A"
     for bad in ("QQ", "QQ=", "Q Q==", "QUJD\n", "-_8=", "QQ==QQ==", "=QQ=", "é===", "QU\u00a0D"):
         with pytest.raises(ValueError):
-            files.decode_base64(bad)
+            data_urls.decode_base64(bad)
 
 
 @pytest.mark.parametrize("payload", ["", "QQ==", "QUI=", "QUJD", "QUJDRA==", base64.b64encode(bytes(1000)).decode()])
 def test_decoded_size_is_exact_before_decoding(payload):
-    assert files.decoded_size(payload) == len(base64.b64decode(payload))
-    assert files.decoded_size("data:;base64," + payload, 13) == len(base64.b64decode(payload))
+    assert data_urls.decoded_size(payload) == len(base64.b64decode(payload))
+    assert data_urls.decoded_size("data:;base64," + payload, 13) == len(base64.b64decode(payload))
 
 
 def test_large_base64_decodes_in_pieces_and_padding_mid_way_is_refused():
     data = bytes(range(256)) * 4000
     text = base64.b64encode(data).decode()
-    assert len(text) > 2 * files._DECODE_CHUNK and files.decode_base64(text) == data
+    assert len(text) > 2 * data_urls._DECODE_CHUNK and data_urls.decode_base64(text) == data
     with pytest.raises(ValueError, match="after its '=' padding"):
-        files.decode_base64(text[:files._DECODE_CHUNK - 4] + "QQ==" + text[files._DECODE_CHUNK:])
+        data_urls.decode_base64(text[:data_urls._DECODE_CHUNK - 4] + "QQ==" + text[data_urls._DECODE_CHUNK:])
 
 
 def test_parse_data_url():
-    parsed = files.parse_data_url("data:Image/PNG;name=my%20cat.png;charset=x;base64,QUJD")
+    parsed = data_urls.parse_data_url("data:Image/PNG;name=my%20cat.png;charset=x;base64,QUJD")
     assert (parsed.mime, parsed.name, parsed.text[parsed.start:]) == ("image/png", "my cat.png", "QUJD")
-    assert files.decode_base64(parsed.text, parsed.start) == b"ABC" and files.decoded_size(parsed.text, parsed.start) == 3
-    assert files.parse_data_url("data:;base64,QQ==").mime == ""
+    assert data_urls.decode_base64(parsed.text, parsed.start) == b"ABC" and data_urls.decoded_size(parsed.text, parsed.start) == 3
+    assert data_urls.parse_data_url("data:;base64,QQ==").mime == ""
     for bad in ("data:image/png,QUJD", "data:image/png;base64", "data:text/plain;charset=utf-8,hi"):
         with pytest.raises(ValueError):
-            files.parse_data_url(bad)
+            data_urls.parse_data_url(bad)
 
 
 @pytest.mark.parametrize("name, safe", [("C:\\Users\\me\\photo.png", "photo.png"), ("../../etc/passwd", "passwd"),
                                         ('a:b*c?"d<e>f|g.txt', "a_b_c__d_e_f_g.txt"), ("  .hidden. ", "hidden"),
                                         ("x" * 300 + ".pdf", "x" * 116 + ".pdf"), ("tab\there.md", "tab_here.md")])
 def test_safe_filename(name, safe):
-    assert files.safe_filename(name) == safe
+    assert file_formats.safe_filename(name) == safe
 
 
 def test_app_rules_read_dify_settings():
-    rules = files.app_rules(default_parameters("chat"))
+    rules = attachment_policy.app_rules(default_parameters("chat"))
     assert rules.enabled and rules.types == ("image",) and rules.number_limit == 3
     assert rules.methods == ("local_file", "remote_url") and rules.size_limit("image") == 10 * MB
     assert rules.size_limit("document") == 15 * MB and rules.size_limit("audio") == 50 * MB
-    legacy = files.app_rules({"file_upload": {"image": {"enabled": True, "number_limits": 2,
+    legacy = attachment_policy.app_rules({"file_upload": {"image": {"enabled": True, "number_limits": 2,
                                                         "transfer_methods": ["remote_url"]}}})
     assert legacy.enabled and legacy.types == ("image",) and legacy.methods == ("remote_url",)
     assert legacy.number_limit == 2
-    assert not files.app_rules({"opening_statement": ""}).enabled
-    assert files.app_rules({}) is None, "unknown settings: Dify decides"
-    custom = files.app_rules({"file_upload": {"enabled": True, "allowed_file_types": ["custom"],
+    assert not attachment_policy.app_rules({"opening_statement": ""}).enabled
+    assert attachment_policy.app_rules({}) is None, "unknown settings: Dify decides"
+    custom = attachment_policy.app_rules({"file_upload": {"enabled": True, "allowed_file_types": ["custom"],
                                               "allowed_file_extensions": [".PDF", "md"]}})
     assert custom.extensions == ("pdf", "md")
 
 
 def policy(parameters=None, **limits):
     app = App("m", "m", "chat", "app-key", default_parameters("chat") if parameters is None else parameters)
-    return files.Policy(files.Limits(**limits), app)
+    return attachment_policy.Policy(attachment_policy.Limits(**limits), app)
 
 
 def test_policy_reads_documents_and_checks_their_bytes():
     anything = policy({})
-    text = anything.read("p", file_part("naïve text\n".encode(), "notes.md", "text/markdown"))
+    text = attachments.read_part(anything, "p", file_part("naïve text\n".encode(), "notes.md", "text/markdown"))
     assert (text.kind, text.mime, text.name, text.dify_type) == ("document", "text/markdown", "notes.md", "document")
-    named_by_mime = anything.read("p", {"type": "file", "file": {"file_data": data_url(PDF, "application/pdf")}})
+    named_by_mime = attachments.read_part(anything, "p",
+                                          {"type": "file", "file": {"file_data": data_url(PDF, "application/pdf")}})
     assert named_by_mime.name.endswith(".pdf") and named_by_mime.mime == "application/pdf"
-    with pytest.raises(files.APIError) as caught:
-        anything.read("p", file_part("café".encode("latin-1"), "notes.txt", "text/plain"))
+    with pytest.raises(APIError) as caught:
+        attachments.read_part(anything, "p", file_part("café".encode("latin-1"), "notes.txt", "text/plain"))
     assert caught.value.code == "file_type_mismatch" and "not UTF-8 text" in caught.value.message
-    with pytest.raises(files.APIError) as caught:
-        anything.read("p", file_part(b"MZ\x90\x00", "setup.exe", "application/octet-stream"))
+    with pytest.raises(APIError) as caught:
+        attachments.read_part(anything, "p", file_part(b"MZ\x90\x00", "setup.exe", "application/octet-stream"))
     assert caught.value.code == "unsupported_file_type" and "pdf" in caught.value.message
-    image_by_name = anything.read("p", file_part(png(), "diagram.jpeg", "image/jpeg"))
+    image_by_name = attachments.read_part(anything, "p", file_part(png(), "diagram.jpeg", "image/jpeg"))
     assert (image_by_name.kind, image_by_name.name) == ("image", "diagram.png")
 
 
 def test_policy_counts_before_reading_anything():
     parts = [("messages[0].content[%d]" % n, image("not even a url")) for n in range(4)]
-    with pytest.raises(files.APIError) as caught:
+    with pytest.raises(APIError) as caught:
         policy(files=3).check_count(parts)
     assert caught.value.code == "too_many_files" and caught.value.param == "messages[0].content[3]"
-    with pytest.raises(files.APIError) as caught:
+    with pytest.raises(APIError) as caught:
         policy(files=0).check_count(parts[:1])
     assert "MAX_FILES=0" in caught.value.message
 
@@ -605,9 +611,9 @@ def test_attachment_parts_are_those_of_the_new_turn_with_their_place():
                 {"role": "tool", "tool_call_id": "t", "content": "r"},
                 user(image("https://a/2.png"), audio_part(WAV), text="x"),
                 user(file_part(PDF, "a.pdf"), text="")]
-    assert [where for where, _ in files.attachment_parts(messages)] == [
+    assert [where for where, _ in attachments.attachment_parts(messages)] == [
         "messages[4].content[1]", "messages[4].content[2]", "messages[5].content[0]"]
-    assert files.attachment_parts(messages[:3]) == []
+    assert attachments.attachment_parts(messages[:3]) == []
 
 
 def test_history_placeholders_never_carry_data():
@@ -622,15 +628,17 @@ def test_history_placeholders_never_carry_data():
 
 def test_upload_cache_is_bounded_and_expires():
     now = [0.0]
-    cache = files.UploadCache(size=2, ttl=10, clock=lambda: now[0])
+    cache = uploads.UploadCache(size=2, ttl=10, clock=lambda: now[0])
     cache.put("a", "1")
     cache.put("b", "2")
     assert cache.get("a") == "1"
     cache.put("c", "3")
     assert cache.get("b") is None and cache.get("a") == "1" and cache.get("c") == "3", "least recently used goes"
+    now[0] = 9.9
+    assert cache.get("a") == "1"
     now[0] = 10.0
-    assert cache.get("a") is None and len(cache) == 1
-    files.UploadCache(size=0).put("x", "y")
+    assert cache.get("a") is None and cache.get("c") is None, "expired"
+    uploads.UploadCache(size=0).put("x", "y")
 
 
 def test_attachment_settings():
@@ -638,8 +646,8 @@ def test_attachment_settings():
     settings = settings_from(base)
     assert (settings.max_image_bytes, settings.max_file_bytes, settings.max_files) == (10 * MB, 15 * MB, 10)
     assert (settings.upload_cache_size, settings.upload_cache_ttl) == (1000, 3600.0)
-    assert files.Limits.from_settings(settings_from({**base, "MAX_IMAGE_MB": "2", "MAX_FILES": "0"})) == \
-        files.Limits(2 * MB, 15 * MB, 0)
+    assert attachment_policy.Limits.from_settings(settings_from({**base, "MAX_IMAGE_MB": "2", "MAX_FILES": "0"})) == \
+        attachment_policy.Limits(2 * MB, 15 * MB, 0)
     for name, bad in (("MAX_IMAGE_MB", "0"), ("MAX_FILE_MB", "lots"), ("MAX_FILES", "-1"), ("UPLOAD_CACHE_TTL", "0")):
         with pytest.raises(ConfigError, match=name):
             settings_from({**base, name: bad})
