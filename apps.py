@@ -105,9 +105,6 @@ class AppRegistry:
         self.rounds = 0  # completed /info rounds
         self.unreachable = None  # why Dify could not be reached on the last round, or None
 
-    def get(self, model_id):
-        return self._apps.get(model_id)
-
     def all(self):
         return list(self._apps.values())
 

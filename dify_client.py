@@ -262,9 +262,7 @@ class EventStream(Exchange):
         self._fetch = None
         self._queued = 0  # bytes behind the events not yet taken
         self.paused = False
-        self._incoming = []  # chunks libcurl wrote, not yet parsed (see _write)
-        self._incoming_size = 0
-        self._delivery_due = False
+        self.retry_after = None  # Dify's Retry-After header, for an error answer
         request = client.request("POST", key, path, json.dumps(body, ensure_ascii=False).encode(),
                                  accept="text/event-stream", timeout=_NO_TOTAL_LIMIT)
         request.streaming_callback = self._on_chunk
@@ -352,7 +350,6 @@ class EventStream(Exchange):
             self._client.watch(self)
             self._fetch = lane.http.fetch(request, raise_error=False)
             response = await self._fetch
-            self._deliver()
         except Exception as error:  # every way a fetch fails: libcurl's errors, the simple client's socket errors
             self._end(None if self._aborted else transport_failure(error, self))
             return
@@ -362,7 +359,7 @@ class EventStream(Exchange):
             self._curl = None
         if self.status != 200:
             error = error_from_body(response.code, bytes(self._error_body))
-            error.retry_after = response.headers.get("Retry-After")
+            error.retry_after = self.retry_after
             self._end(error)
         else:
             self._end_body()
@@ -372,32 +369,28 @@ class EventStream(Exchange):
         curl.setopt(pycurl.NOPROGRESS, 0)
         curl.setopt(pycurl.XFERINFOFUNCTION, self._progress)
         curl.setopt(pycurl.WRITEFUNCTION, self._write)
+        # Header lines are taken as libcurl reads them: Tornado's header function hands each line to a loop
+        # callback (a loop turn per line), so the status was not known yet when the body's first bytes came.
+        curl.setopt(pycurl.HEADERFUNCTION, lambda line: self.on_header(line.decode("latin1")))
 
     def _write(self, chunk):
-        """libcurl's write callback, run inside curl_multi_socket_action, where no application code may
-        run: the chunk is queued for `_deliver` on the loop. While the reader leaves events waiting (a
-        client that is not reading), the transfer is paused right here, so libcurl stops reading Dify's
-        connection at once; the chunk is kept by libcurl and written again when `_let_in` resumes.
-        Only while events wait: the bytes of one long event still arriving have no reader to let them in.
-        (Tornado's own write callback buffers a megabyte per transfer before pausing, and resumes at
-        the end of each delivery, so a stalled client could hold several megabytes.)"""
+        """libcurl's write callback, run inside curl_multi_socket_action. The chunk is parsed right here:
+        parsing only appends events and resolves the reader's future (its code runs in a later loop turn),
+        and pausing a transfer is allowed inside its callbacks; queueing each chunk for a loop callback, as
+        Tornado's own write callback does, cost every Dify read a loop turn more (and the first token with
+        it). While the reader leaves events waiting (a client that is not reading), the transfer is paused
+        right here, so libcurl stops reading Dify's connection at once; the chunk is kept by libcurl and
+        written again when `_let_in` resumes. Only while events wait: the bytes of one long event still
+        arriving have no reader to let them in. (Tornado's write callback buffers a megabyte per transfer
+        before pausing, and resumes at the end of each delivery, so a stalled client could hold several
+        megabytes.)"""
         if self._aborted:
             return None  # taken and dropped, so that the transfer runs on to its abort
-        if self._events and self._queued + self._incoming_size > _QUEUE_LIMIT:
+        if self._events and self._queued > _QUEUE_LIMIT:
             self.paused = True
             return pycurl.WRITEFUNC_PAUSE
-        self._incoming.append(chunk)
-        self._incoming_size += len(chunk)
-        if not self._delivery_due:
-            self._delivery_due = True
-            IOLoop.current().add_callback(self._deliver)
+        self._on_chunk(chunk)
         return None
-
-    def _deliver(self):
-        self._delivery_due = False
-        incoming, self._incoming, self._incoming_size = self._incoming, [], 0
-        for chunk in incoming:
-            self._on_chunk(chunk)
 
     def _progress(self, *_):
         """libcurl's progress callback: a true answer ends the transfer."""
@@ -405,6 +398,8 @@ class EventStream(Exchange):
 
     def on_header(self, line):
         super().on_header(line)
+        if line[:12].lower() == "retry-after:":
+            self.retry_after = line[12:].strip()
         self.last_activity = time.monotonic()
 
     def _on_chunk(self, chunk):
@@ -413,9 +408,6 @@ class EventStream(Exchange):
                 raise StreamFailure("dropped", "closed by the proxy")  # how the simple client's fetch is ended
             return
         self.last_activity = time.monotonic()
-        if self.status is None and self._curl is not None:
-            # libcurl's header lines reach _on_header through loop callbacks; the body can come first.
-            self.status = self._curl.getinfo(pycurl.RESPONSE_CODE)
         if self.status != 200:
             if len(self._error_body) < _ERROR_BODY_LIMIT:
                 self._error_body += chunk
@@ -486,6 +478,10 @@ class DifyClient:
     def curl_options(self, curl):
         """What every transfer to Dify sets beyond Tornado's defaults."""
         curl.setopt(pycurl.VERBOSE, 0)  # Tornado turns it on at DEBUG: it would log the Dify keys
+        # Without it libcurl saves, sets and restores SIGPIPE's handler around every socket_action (three
+        # syscalls per Dify read). Python ignores SIGPIPE already, and the wheel's resolver is threaded, so
+        # no alarm() timeout is lost. (Tornado sets it only when several threads run.)
+        curl.setopt(pycurl.NOSIGNAL, 1)
         curl.setopt(pycurl.MAXAGE_CONN, _CONNECTION_MAX_AGE)
         # libcurl's default upload buffer is 64 KB per running transfer; bodies to Dify are sent once,
         # and a thousand open streams would hold 64 MB of it.

@@ -21,9 +21,9 @@ from departures import DepartureWatch
 from errors import APIError, generic, unauthorized
 from identity import bearer_token, dify_user
 from lifecycle import shutting_down
-from openai_api import (TextChunkEncoder, completion_body, json_bytes, model_object, new_completion_id,
-                        new_text_completion_id, parse_chat_request, parse_text_completion_request,
-                        text_completion_body)
+from openai_api import (ChunkEncoder, TextChunkEncoder, chat_choice, completion_body, json_bytes, model_object,
+                        new_completion_id, new_text_completion_id, parse_chat_request, parse_text_completion_request,
+                        text_choice)
 from request_body import BoundedBody
 from streaming import EventStreamResponse
 from tasks import local_answer, task_kind
@@ -34,6 +34,7 @@ log = logging.getLogger("opendify.handlers")
 
 class BaseHandler(RequestHandler):
     model = None
+    app = None  # the served app the request named, once resolved
     tokens = None
     error_code = None
 
@@ -132,6 +133,8 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
     """POST /v1/chat/completions. `post` owns the Dify run's lifetime: whatever happens (an answer, an
     error, a client that leaves at any moment), its `finally` ends the run and stops watching the client."""
 
+    marks = True  # mode 2 keeps the conversation in marks (the Responses API keeps it in response ids)
+    names_conversation = True  # a whole answer names its Dify conversation in X-Dify-Conversation-Id
     completion = None
     stream = None
     departed = False
@@ -160,27 +163,47 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         if self.completion is not None:
             self.completion.cancel()
 
-    async def begin(self, request, completion_id):
-        """Resolves the model and starts its Completion (early failures raise APIError); a client that
-        has left by then gets no run."""
+    async def answer(self):
+        """One flow for every protocol: read the request, begin its run, then relay it as a stream or
+        write it whole. What a protocol does differently is in the methods below, which subclasses
+        override."""
+        request = await self.read()
+        await self.begin(request)
+        try:
+            await self.completion.start()
+            if request.stream:
+                self.stream = EventStreamResponse(self, self.completion, self.encoder(request))
+                await self.stream.run()
+                self.tokens = self.completion.usage()
+                return
+            answer = await self.completion.collect()
+        except APIError as error:
+            raise self.explained(error)
+        if self.completion.cancelled:
+            return
+        self.tokens = self.completion.usage()
+        if self.names_conversation and self.completion.conversation_id:
+            self.set_header("X-Dify-Conversation-Id", self.completion.conversation_id)
+        self.write_json(self.answer_body(request, answer))
+
+    async def begin(self, request):
+        """Resolves the model and makes its Completion, or a background task's under TASK_MODEL (early
+        failures raise APIError); a client that has left by then gets no run."""
         self.model = request.model
-        self.completion_id = completion_id
-        app = await self.proxy.registry.resolve(request.model)
-        if app is None:
+        self.app = await self.proxy.registry.resolve(request.model)
+        if self.app is None:
             raise model_not_found(request.model, self.proxy.registry)
-        if not request.conversation_id:
-            request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
-        task = task_kind(request.messages)
-        local = None
+        self.continues(request)
+        app, task, local = self.app, task_kind(request.messages), None
         if task is not None:
             app, local = await self.task_runner(app, task, request.messages)
         binding = Binding(self.proxy.secret, app.mark_id, self.client)
         kind = Completion if local is None else partial(LocalAnswer, local)
         self.completion = kind(self.proxy.dify, app, request, dify_user(self.client, request.user),
-                               self.proxy.settings, binding, self.proxy.uploads, self.proxy.conversations, task=task)
+                               self.proxy.settings, binding, self.proxy.uploads, self.proxy.conversations, task=task,
+                               marks=self.marks)
         if self.departed:
             self.completion.cancel()
-        await self.completion.start()
 
     async def task_runner(self, app, task, messages):
         """(app, the proxy's own answer or None) for a background task under TASK_MODEL: the requested app
@@ -195,49 +218,51 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             log.warning("TASK_MODEL=%r names no model; the background task runs on the requested one", setting)
         return app, None
 
-    async def answer(self):
-        request = await self.read_request(parse_chat_request)
-        await self.begin(request, new_completion_id())
-        if request.stream:
-            self.stream = EventStreamResponse(self, self.completion)
-            await self.stream.run()
-            self.tokens = self.completion.usage()
-            return
-        answer = await self.completion.collect()
-        if self.completion.cancelled:
-            return
-        self.tokens = self.completion.usage()
-        if self.completion.conversation_id:
-            self.set_header("X-Dify-Conversation-Id", self.completion.conversation_id)
-        self.write_json(completion_body(self.completion_id, int(time.time()), request.model, answer.message(),
-                                        self.completion.finish_reason(), self.tokens))
-
     def on_connection_close(self):
         super().on_connection_close()
         self.departed = True
         if self.completion is not None:
             self.completion.cancel()
 
+    async def read(self):
+        """The ChatRequest the run serves."""
+        self.completion_id = new_completion_id()
+        return await self.read_request(parse_chat_request)
+
+    def continues(self, request):
+        """Names the Dify conversation the request continues when its body does not: the header's."""
+        if not request.conversation_id:
+            request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
+
+    def encoder(self, request):
+        return ChunkEncoder(self.completion_id, request.model)
+
+    def answer_body(self, request, answer):
+        return completion_body(self.completion_id, int(time.time()), request.model,
+                               chat_choice(answer.message(), self.completion.finish_reason()), self.tokens)
+
+    def explained(self, error):
+        """An error of the run said in the client's terms (the chat request's own are already)."""
+        return error
+
 
 class TextCompletionsHandler(ChatCompletionsHandler):
     """Legacy POST /v1/completions (Continue's autocomplete, LlamaIndex `OpenAILike`): the prompt is
     run like a one-message chat and answered in the text_completion shape."""
 
-    async def answer(self):
-        request = await self.read_request(parse_text_completion_request)
-        await self.begin(request, new_text_completion_id())
-        if request.stream:
-            encoder = TextChunkEncoder(self.completion_id, request.model)
-            self.stream = EventStreamResponse(self, self.completion, encoder)
-            await self.stream.run()
-            self.tokens = self.completion.usage()
-            return
-        answer = await self.completion.collect()
-        if self.completion.cancelled:
-            return
-        self.tokens = self.completion.usage()
-        self.write_json(text_completion_body(self.completion_id, int(time.time()), request.model,
-                                             "".join(answer.content), self.completion.finish_reason(), self.tokens))
+    names_conversation = False
+
+    async def read(self):
+        self.completion_id = new_text_completion_id()
+        return await self.read_request(parse_text_completion_request)
+
+    def encoder(self, request):
+        return TextChunkEncoder(self.completion_id, request.model)
+
+    def answer_body(self, request, answer):
+        return completion_body(self.completion_id, int(time.time()), request.model,
+                               text_choice("".join(answer.content), self.completion.finish_reason()), self.tokens,
+                               kind="text_completion")
 
 
 def log_request(handler):
@@ -252,7 +277,7 @@ def log_request(handler):
     level = logging.INFO if status < 500 else logging.WARNING
     if getattr(handler, "probe", False) and status in (200, 503):
         level = logging.DEBUG  # load balancers ask every few seconds; "not ready" is an answer, not a failure
-    metrics.request_done(model_label(handler, model), endpoint_label(handler), status, duration / 1000, tokens)
+    metrics.request_done(model_label(handler), endpoint_label(handler), status, duration / 1000, tokens)
     access_log.log(level, "%s %s %s %d %.1fms%s%s%s", getattr(handler, "request_id", "-"), handler.request.method,
                    handler.request.path, status, duration, f" model={model!r}" if model else "", token_text,
                    f" error={error}" if error else "")
@@ -268,9 +293,10 @@ def endpoint_label(handler):
     return path
 
 
-def model_label(handler, model):
-    """A served model's id, else "-": a client's invented names must not each become a series."""
-    return model if isinstance(model, str) and handler.proxy.registry.get(model) is not None else "-"
+def model_label(handler):
+    """The served model the request named, else "-": a client's invented names must not each become a series."""
+    app = getattr(handler, "app", None)
+    return app.model_id if app is not None else "-"
 
 
 def routes():

@@ -273,15 +273,15 @@ def usage_object(usage):
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def completion_body(completion_id, created, model, message, finish_reason, usage):
-    return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}],
-        "usage": usage_object(usage),
-    }
+def completion_body(completion_id, created, model, choice, usage, kind="chat.completion"):
+    """A whole answer: a `chat.completion`, or with `kind` "text_completion" the legacy shape; `choice` is
+    its one choice (`chat_choice` or `text_choice`)."""
+    return {"id": completion_id, "object": kind, "created": created, "model": model, "choices": [choice],
+            "usage": usage_object(usage)}
+
+
+def chat_choice(message, finish_reason):
+    return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
 
 
 def text_finish_reason(reason):
@@ -289,15 +289,8 @@ def text_finish_reason(reason):
     return reason if reason in ("stop", "length", "content_filter") else "stop"
 
 
-def text_completion_body(completion_id, created, model, text, finish_reason, usage):
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": text_finish_reason(finish_reason)}],
-        "usage": usage_object(usage),
-    }
+def text_choice(text, finish_reason):
+    return {"text": text, "index": 0, "logprobs": None, "finish_reason": text_finish_reason(finish_reason)}
 
 
 def json_bytes(data):

@@ -1,9 +1,10 @@
 """The Responses API over HTTP: `POST /v1/responses` and `GET /v1/responses/{id}`.
 
-Thin like the chat handlers, whose auth, CORS, body limit, error bodies and client-gone
-handling they inherit. The run is the chat path's Completion (without conversation marks:
-a response id carries the conversation instead, see responses_ids.py); only parsing and
-encoding are the Responses API's own (responses_api.py).
+Thin like the chat handlers, whose auth, CORS, body limit, error bodies, flow (begin,
+background-task routing, client-gone handling) they inherit. The run is the chat path's
+Completion (without conversation marks: a response id carries the conversation instead,
+see responses_ids.py); only parsing and encoding are the Responses API's own
+(responses_api.py).
 """
 
 import time
@@ -12,17 +13,15 @@ from urllib.parse import urlencode
 from tornado.web import stream_request_body
 
 from apps import CHAT_FAMILY
-from completions import Answer, Completion
+from completions import Answer
 from dify_client import DifyError, StreamFailure
-from errors import APIError, bad_request, from_dify, upstream_unreachable
 from dify_events import translator_for
-from handlers import BaseHandler, ChatCompletionsHandler, model_not_found
+from errors import APIError, bad_request, from_dify, upstream_unreachable
+from handlers import BaseHandler, ChatCompletionsHandler
 from identity import dify_user
-from memory import Binding
 from responses_api import (ResponseEventEncoder, answer_output, ending, parse_responses_request, response_echo,
                            response_object)
 from responses_ids import make_response_id, read_response_id
-from streaming import EventStreamResponse
 from usage import usage_figures
 
 HISTORY_PAGE = 100  # the most messages one Dify GET /messages returns: how far back GET /v1/responses/{id} reaches
@@ -30,47 +29,30 @@ HISTORY_PAGE = 100  # the most messages one Dify GET /messages returns: how far 
 
 @stream_request_body
 class ResponsesHandler(ChatCompletionsHandler):
-    """POST /v1/responses: one Dify run answered as a response object or its event stream."""
+    """POST /v1/responses: one Dify run answered as a response object or its event stream. The chat
+    handler's flow runs it (its begin, background-task routing included, departures and the final
+    close); only reading the request and writing the answer are the Responses API's own."""
 
+    marks = False  # the response id carries the conversation
     response_id = None
 
-    async def answer(self):
-        """The chat handler's `post` runs this and owns the run's lifetime (departures, the final close)."""
-        request = await self.read_request(parse_responses_request)
-        self.model = request.model
+    async def read(self):
+        self.responses = await self.read_request(parse_responses_request)
         self.created_at = int(time.time())
-        self.responses = request
-        self.app = await self.proxy.registry.resolve(request.model)
-        if self.app is None:
-            raise model_not_found(request.model, self.proxy.registry)
-        chat = request.chat
-        if request.previous_response_id:
-            ref = self.previous_response(request.previous_response_id)
-            chat.conversation_id, chat.user = ref.conversation_id, ref.user
-        binding = Binding(self.proxy.secret, self.app.mark_id, self.client)
-        self.completion = Completion(self.proxy.dify, self.app, chat, dify_user(self.client, chat.user),
-                                     self.proxy.settings, binding, self.proxy.uploads, self.proxy.conversations,
-                                     marks=False)
-        if self.departed:
-            self.completion.cancel()
-        try:
-            await self.completion.start()
-            if request.stream:
-                encoder = ResponseEventEncoder(self.describe, self.identified)
-                self.stream = EventStreamResponse(self, self.completion, encoder)
-                await self.stream.run()
-                self.tokens = self.completion.usage()
-                return
-            answer = await self.completion.collect()
-        except APIError as error:
-            raise self.explained(error)
-        if self.completion.cancelled:
-            return
-        self.tokens = self.completion.usage()
-        if self.completion.conversation_id:
-            self.set_header("X-Dify-Conversation-Id", self.completion.conversation_id)
+        return self.responses.chat
+
+    def continues(self, request):
+        """A `previous_response_id` names the conversation (and the Dify user) the request continues."""
+        if self.responses.previous_response_id:
+            ref = self.previous_response(self.responses.previous_response_id)
+            request.conversation_id, request.user = ref.conversation_id, ref.user
+
+    def encoder(self, request):
+        return ResponseEventEncoder(self.describe, self.identified)
+
+    def answer_body(self, request, answer):
         status, incomplete = ending(self.completion.finish_reason())
-        self.write_json(self.describe(answer_output(answer), status, None, incomplete))
+        return self.describe(answer_output(answer), status, None, incomplete)
 
     def previous_response(self, response_id):
         """The ResponseRef of `previous_response_id`, or a 400 that says why it cannot be continued."""
@@ -105,7 +87,7 @@ class ResponsesHandler(ChatCompletionsHandler):
 
     def identified(self):
         """Whether the response id can be made: the run has named its Dify message (or keeps none)."""
-        return self.completion.translator.message_id is not None or self.app.mode == "workflow"
+        return self.completion.translator.message_id is not None or self.completion.app.mode == "workflow"
 
     def current_id(self):
         if self.response_id is None:
@@ -144,7 +126,7 @@ class ResponseHandler(BaseHandler):
         if row is None:
             raise APIError(404, f"Response '{response_id}' is not among the newest {HISTORY_PAGE} messages of its "
                                 "Dify conversation, so it cannot be read back.", code="not_found")
-        self.model = app.model_id
+        self.model, self.app = app.model_id, app
         text = row.get("answer") if isinstance(row.get("answer"), str) else ""
         query_text = row.get("query") if isinstance(row.get("query"), str) else ""
         usage = usage_figures(None, len(query_text), len(text))

@@ -81,6 +81,10 @@ class Harness:
     def key_of(self, name):
         return next(app.key for app in self.dify.apps if app.name == name)
 
+    def served(self, model_id):
+        """The App the proxy serves as `model_id` now, or None."""
+        return next((app for app in self.proxy.registry.all() if app.model_id == model_id), None)
+
     def raw(self, method, path, body=None, headers=None, key=CLIENT_KEY, timeout=20):
         """(status, headers, body bytes) of one raw HTTP exchange with the proxy."""
         connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)

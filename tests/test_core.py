@@ -344,7 +344,7 @@ def test_client_disconnect_stops_the_dify_task(harness):
 def test_apps_without_mode_are_probed(make_harness):
     harness = make_harness(apps=[FakeApp(key="app-old0000000000000000000000", name="Old Chat", mode="chat",
                                          info_has_mode=False)])
-    assert harness.proxy.registry.get("Old Chat").mode == "chat"
+    assert harness.served("Old Chat").mode == "chat"
     answer = harness.client().chat.completions.create(model="Old Chat", messages=[{"role": "user", "content": "x"}])
     assert answer.choices[0].message.content == "Echo: x"
 

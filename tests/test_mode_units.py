@@ -7,7 +7,7 @@ import pytest
 
 from errors import APIError
 from inputs import check_inputs, form_variables, text_variable
-from openai_api import TextChunkEncoder, parse_text_completion_request, text_completion_body
+from openai_api import TextChunkEncoder, completion_body, parse_text_completion_request, text_choice
 
 # --- app inputs ----------------------------------------------------------------------------
 
@@ -90,7 +90,8 @@ def test_unusable_prompts_are_400(prompt):
 
 
 def test_text_completion_shapes():
-    body = text_completion_body("cmpl-1", 7, "m", "Hi", "tool_calls", {"prompt_tokens": 1, "completion_tokens": 2})
+    body = completion_body("cmpl-1", 7, "m", text_choice("Hi", "tool_calls"), {"prompt_tokens": 1, "completion_tokens": 2},
+                           kind="text_completion")
     assert body == {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
                     "choices": [{"text": "Hi", "index": 0, "logprobs": None, "finish_reason": "stop"}],
                     "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}

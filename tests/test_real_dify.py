@@ -87,7 +87,7 @@ def test_an_odd_info_answer_does_not_stop_model_refreshes(make_harness, odd, cap
     assert CHAT not in [app.model_id for app in harness.proxy.registry.all()]
     assert "not an object" in caplog.text
     apps[0].info_body = None
-    assert wait_for(lambda: harness.proxy.registry.get(CHAT) is not None, timeout=5)
+    assert wait_for(lambda: harness.served(CHAT) is not None, timeout=5)
     assert not harness.proxy.refresher.done()
 
 
@@ -126,7 +126,7 @@ def test_a_chat_app_with_the_new_file_setting_is_still_a_chat_app(make_harness, 
                   "sensitive_word_avoidance": {"enabled": False, "type": "", "configs": []},
                   "user_input_form": []}
     harness = make_harness(apps=[FakeApp(key="app-newchat000000000000000000", name="New", parameters=parameters)])
-    assert harness.proxy.registry.get("New").mode == "chat"
+    assert harness.served("New").mode == "chat"
 
 
 # --- slow starts (issue 12 item 4, R2) --------------------------------------------------------

@@ -444,6 +444,31 @@ def test_previous_response_id_whose_conversation_is_gone(harness, stream):
     assert error["param"] == "previous_response_id"
 
 
+# --- background tasks ------------------------------------------------------------------------------
+
+TITLE_TASK = ("Provide a concise, 5-word-or-less title for the conversation, using title case conventions. Only "
+              "return the title itself.\n\nConversation:\nUser: Plan a trip to Lisbon in May\nAI: Sure!")
+
+
+def test_background_tasks_are_answered_locally_like_chat(make_harness):
+    harness = make_harness(env={"TASK_MODEL": "local"})
+    response = strict(harness).responses.create(model=CHAT, input=TITLE_TASK)
+    assert response.output_text == "Plan a trip to Lisbon" and response.status == "completed"
+    _, _, body = post(harness, {"input": TITLE_TASK, "stream": True})
+    events = sse(body)
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == "Plan a trip to Lisbon"
+    assert events[-1]["type"] == "response.completed"
+    assert not harness.dify.requests_to("/chat-messages"), "no Dify run at all"
+
+
+def test_background_tasks_are_routed_to_the_task_model_like_chat(make_harness):
+    harness = make_harness(env={"TASK_MODEL": "Flow Bot"})
+    strict(harness).responses.create(model=CHAT, input=TITLE_TASK)
+    (sent,) = harness.dify.requests_to("/chat-messages")
+    assert sent.headers["Authorization"] == "Bearer " + harness.key_of("Flow Bot")
+    assert wait_for(lambda: not harness.dify.conversations), "the task's one-shot conversation is deleted"
+
+
 # --- GET /v1/responses/{id} -------------------------------------------------------------------------
 
 def test_get_a_response_back_from_difys_history(harness):
