@@ -1,4 +1,7 @@
-"""One chat completion: the OpenAI request made into a Dify run, and the run read back as pieces.
+"""One chat completion's Dify run, owned from start to end: `Completion` plans the query, uploads
+the files, starts the run, retries a refusal it can mend, and stops or closes the run however
+the request ends. How the request is written for Dify is dify_requests.py; how the run's
+events become the answer's pieces is answer_pipeline.py.
 
 Dify is always asked to stream, even when the client wants one JSON body: agent apps
 only stream, and Dify Cloud cuts blocking calls after about 100 s.
@@ -9,17 +12,17 @@ import logging
 
 from tornado.ioloop import IOLoop
 
-import marks
 import memory
 import metrics
 import tools
+from answer_pipeline import AnswerPipeline, ReplyMark
 from apps import CHAT_FAMILY
 from content import content_text
 from dify_client import DifyError, StreamFailure
 from dify_events import translator_for
 from dify_requests import app_inputs, dify_query, dify_request, fits, message_variable, offered_tools, text_parts
-from errors import APIError, bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from output_format import format_instructions, json_reply, wants_json
+from errors import bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from output_format import format_instructions, wants_json
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from usage import usage_figures
 
@@ -75,7 +78,8 @@ class Answer:
 
 
 class Completion:
-    """Drives one Dify run for one OpenAI request and yields its pieces in order."""
+    """The one owner of one Dify run for one OpenAI request: it starts, retries and ends the run, and
+    yields the answer's pieces in order (`next_pieces` for a stream, `collect` for one body)."""
 
     def __init__(self, dify, app, request, user, settings, binding, uploads, conversations, task=None, marks=True):
         self.dify = dify
@@ -91,31 +95,21 @@ class Completion:
         self.conversational = app.mode in CHAT_FAMILY
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
         self.reads_marks = marks and task is None and self.conversational and settings.conversation_memory_mode == 2
-        # A reply that must parse as JSON carries no mark: its conversation id is in X-Dify-Conversation-Id.
-        self.structured = wants_json(request.body.get("response_format"))
-        self.marks_replies = self.reads_marks and not self.structured
-        self._json_text = []
         self.plan = None
         try:
             self.tool_request = self._kept_tools(tools.tool_request(request.body))
         except tools.ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
-        self.tool_parser = tools.ToolCallParser(self.tool_request) if self.tool_request else None
+        self.pipeline = self._answer_pipeline()
         self._tools_seen = None
         self._tool_text = ""
         self._inputs = {}
         self._target = None  # the input variable holding the user's text (completion and workflow apps)
-        self._held = ""
         self.format_instructions = format_instructions(request.body.get("response_format"))
-        self._visible = []
-        self._calls = []
-        self.answer_length = 0
         self.query_length = 0
-        self.called_tools = False
         self._stream = None
         self._cancelled = False
         self._closed = False
-        self._pending_error = None
         self._retried = False
         self._files = []
         self.stopping = None  # the call telling Dify to stop the run, once made
@@ -131,6 +125,22 @@ class Completion:
         if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
             return None
         return kept
+
+    def _answer_pipeline(self):
+        """The stages this request's answer passes (answer_pipeline.py). A reply that must parse as JSON
+        carries no mark: its conversation id is in X-Dify-Conversation-Id."""
+        structured = wants_json(self.request.body.get("response_format"))
+        marked = self.reads_marks and not structured
+        return AnswerPipeline(self.translator, self.tool_request, structured,
+                              ReplyMark(self._reply_mark, self.request.stream) if marked else None)
+
+    def _reply_mark(self, reply_text, calls):
+        """The mark for this reply (memory.reply_mark); None when the run named no conversation."""
+        conversation_id = self.translator.conversation_id
+        if not conversation_id:
+            return None
+        return memory.reply_mark(conversation_id, self.translator.message_id, self._tools_seen, self.request.messages,
+                                 reply_text, [tools.openai_tool_call(call) for call in calls], self.binding)
 
     async def start(self):
         """Plans the query, uploads the files and opens the Dify stream; early failures raise APIError.
@@ -162,7 +172,7 @@ class Completion:
                 plan = await self._check_conversation(plan)
         else:
             folded = await off_loop_if_long(messages, memory.fold_query, messages)
-            plan = memory.Plan("", folded, folded)
+            plan = memory.fresh_plan(folded)
         if not plan.fresh_query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")
@@ -227,7 +237,8 @@ class Completion:
             return query
         log.debug("model %r: the tool catalogue does not fit the input '%s'; sent without it", self.request.model,
                   self._target)
-        self.tool_request = self.tool_parser = None
+        self.tool_request = None
+        self.pipeline = self._answer_pipeline()
         return self._query()
 
     def _text_parts(self):
@@ -269,8 +280,8 @@ class Completion:
     async def next_pieces(self):
         """The pieces from Dify's next batch of events (possibly none); None once the answer is complete."""
         translator = self.translator
-        if self._pending_error is not None:
-            raise self._pending_error
+        if self.pipeline.pending_error is not None:
+            raise self.pipeline.pending_error
         if translator.done or self._cancelled:
             return None
         try:
@@ -287,35 +298,7 @@ class Completion:
             if translator.failure is not None:
                 raise translator.failure
             raise upstream_broken(self.request.model, "ended its answer without finishing it")
-        pieces = []
-        for event in events:
-            try:
-                found = translator.feed(event)
-            except APIError as error:
-                if not pieces:
-                    raise
-                # Text that arrived with the error is still the client's: deliver it, then the error.
-                self._pending_error = error
-                break
-            if found:
-                pieces.extend(found)
-                for kind, text in found:
-                    if kind is CONTENT:
-                        self.answer_length += len(text)
-                    elif kind is REPLACE:
-                        self.answer_length = len(text)
-            if translator.done:
-                break
-        if self.tool_parser is not None:
-            pieces = self._parse_tools(pieces)
-        if self.structured:
-            pieces = self._hold_json(pieces)
-        if self.marks_replies:
-            self._remember(pieces)
-            pieces = self._hold_trailing_space(pieces)
-        if translator.done:
-            pieces.extend(self._closing_pieces())
-        return pieces
+        return self.pipeline.feed(events)
 
     async def _next_events(self):
         """The next events to translate: a long burst is taken a slice at a time, yielding to the loop
@@ -334,93 +317,6 @@ class Completion:
             self._backlog, self._backlog_at = events, end
         return events[start:end]
 
-    def _parse_tools(self, pieces):
-        """Answer text through the tool-call parser: calls come out as TOOL_CALL pieces, never as text."""
-        parsed = []
-        parser = self.tool_parser
-        for piece in pieces:
-            parsed.extend(parser.feed(piece[1]) if piece[0] is CONTENT else (piece,))
-        return self._legacy(parsed) if self.tool_request.legacy else parsed
-
-    @staticmethod
-    def _legacy(pieces):
-        """Legacy `functions` requests are answered with `function_call`, one call at most."""
-        return [(kind, {**value, "legacy": True}) if kind is TOOL_CALL else (kind, value) for kind, value in pieces]
-
-    def _closing_pieces(self):
-        """What ends the answer: text the tool parser held back, and in mode 2 the conversation mark."""
-        closing = []
-        if self.tool_parser is not None:
-            closing = list(self.tool_parser.finish())
-            if self.tool_request.legacy:
-                closing = self._legacy(closing)
-            self.called_tools = self.tool_parser.called
-        if self.structured:
-            closing = self._hold_json(closing)
-            text = "".join(self._json_text)
-            if text:
-                closing.append((CONTENT, json_reply(text)))
-        if self.marks_replies:
-            self._remember(closing)
-            closing = self._hold_trailing_space(closing)
-            closing.append(self._mark_piece())
-        return closing
-
-    def _hold_json(self, pieces):
-        """A reply asked for as JSON is held whole and sent once complete, repaired to parse
-        (output_format.json_reply); reasoning and tool calls pass as they come."""
-        out = []
-        for kind, value in pieces:
-            if kind is CONTENT:
-                self._json_text.append(value)
-            elif kind is REPLACE:
-                self._json_text = [value]
-            else:
-                out.append((kind, value))
-        return out
-
-    def _hold_trailing_space(self, pieces):
-        """Mode 2: whitespace at the end of the text so far waits, so the mark can be attached to the
-        end of the last line and the visible reply still ends exactly as Dify's answer did."""
-        out = []
-        for kind, value in pieces:
-            if kind is CONTENT:
-                text = self._held + value
-                body = text.rstrip()
-                self._held = text[len(body):]
-                if body:
-                    out.append((kind, body))
-            else:
-                if kind is REPLACE:
-                    self._held = ""
-                out.append((kind, value))
-        return out
-
-    def _mark_piece(self):
-        """The mark that ends the reply with the held whitespace: attached to the last line, or on a
-        line of its own where appending would change how the last line renders (marks.mark_placement)."""
-        held, self._held = self._held, ""
-        conversation_id = self.translator.conversation_id
-        if not conversation_id:
-            return CONTENT, held
-        visible = "".join(self._visible)
-        mark = memory.reply_mark(conversation_id, self.translator.message_id, self._tools_seen,
-                                 self.request.messages, visible, self._calls, self.binding)
-        if marks.mark_placement(visible) == "inline":
-            return MARK, mark + held
-        return MARK, held + ("" if "\n" in held else "\n") + mark
-
-    def _remember(self, pieces):
-        """The reply as the client will resend it, to bind the mark to it."""
-        for kind, value in pieces:
-            if kind is CONTENT:
-                self._visible.append(value)
-            elif kind is REPLACE:
-                self._visible = [value] if not self.request.stream or not self._visible else [
-                    "".join(self._visible), "\n\n", value]
-            elif kind is TOOL_CALL:
-                self._calls.append(tools.openai_tool_call(value))
-
     @property
     def conversation_id(self):
         """The Dify conversation the client may continue; none for a background task (its own is deleted)."""
@@ -434,13 +330,13 @@ class Completion:
         return answer
 
     def finish_reason(self):
-        if self.called_tools:
+        if self.pipeline.called_tools:
             return "function_call" if self.tool_request.legacy else "tool_calls"
         return self.translator.finish_reason()
 
     def usage(self):
         """Dify's usage figures, or an estimate from the text lengths when Dify reported none."""
-        return usage_figures(self.translator.usage, self.query_length, self.answer_length)
+        return usage_figures(self.translator.usage, self.query_length, self.pipeline.answer_length)
 
     @property
     def cancelled(self):
@@ -519,6 +415,7 @@ class LocalAnswer(Completion):
     def __init__(self, answer, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._local = answer
+        self._answer_length = 0
 
     async def start(self):
         self.query_length = sum(len(content_text(m.get("content"), placeholders=False))
@@ -528,5 +425,9 @@ class LocalAnswer(Completion):
         if self._local is None or self._cancelled:
             return None
         text, self._local = self._local, None
-        self.answer_length = len(text)
+        self._answer_length = len(text)
         return [(CONTENT, text)]
+
+    def usage(self):
+        """Estimated from the chat it read and the answer it gave."""
+        return usage_figures(None, self.query_length, self._answer_length)
