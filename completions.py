@@ -14,15 +14,17 @@ from tornado.ioloop import IOLoop
 
 import memory
 import metrics
-import tools
 from answer_pipeline import AnswerPipeline, ReplyMark
 from apps import CHAT_FAMILY
 from content import content_text
 from dify_client import DifyError, StreamFailure
+from dify_events import translator_for
 from dify_requests import app_inputs, dify_query, dify_request, fits, message_variable, offered_tools, text_parts
 from errors import bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from output_format import format_instructions, wants_json
+from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
+from tool_calls import openai_tool_call
+from tool_request import ToolRequestError, for_policy, tool_request
 from usage import usage_figures
 
 log = logging.getLogger("opendify.completions")
@@ -60,7 +62,7 @@ class Answer:
             elif kind is REPLACE:
                 self.content = [value]
             elif kind is TOOL_CALL:
-                self.tool_calls.append(tools.openai_tool_call(value))
+                self.tool_calls.append(openai_tool_call(value))
                 self.legacy = bool(value.get("legacy"))
 
     def message(self):
@@ -96,8 +98,8 @@ class Completion:
         self.reads_marks = marks and task is None and self.conversational and settings.conversation_memory_mode == 2
         self.plan = None
         try:
-            self.tool_request = self._kept_tools(tools.tool_request(request.body))
-        except tools.ToolRequestError as error:
+            self.tool_request = self._kept_tools(tool_request(request.body))
+        except ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
         self.pipeline = self._answer_pipeline()
         self._tools_seen = None
@@ -120,7 +122,7 @@ class Completion:
         for completion and workflow apps (not chat agents) only a call the request forces."""
         if self.task is not None:
             return None  # a background task is answered in text, whatever tools came with it
-        kept = tools.for_policy(requested, self.settings.client_tools_for(self.request.model))
+        kept = for_policy(requested, self.settings.client_tools_for(self.request.model))
         if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
             return None
         return kept
@@ -139,7 +141,7 @@ class Completion:
         if not conversation_id:
             return None
         return memory.reply_mark(conversation_id, self.translator.message_id, self._tools_seen, self.request.messages,
-                                 reply_text, [tools.openai_tool_call(call) for call in calls], self.binding)
+                                 reply_text, [openai_tool_call(call) for call in calls], self.binding)
 
     async def start(self):
         """Plans the query, uploads the files and opens the Dify stream; early failures raise APIError.

@@ -9,7 +9,7 @@ for Dify, so the rules can be read and tested without a server.
 """
 
 import memory
-import tools
+import tool_prompt
 from inputs import check_inputs, form_variables, text_variable
 
 FORM_TEXT_MODES = ("completion", "workflow")  # apps that read the user's text from their input form
@@ -21,9 +21,9 @@ def offered_tools(tool_request, plan, binding):
     this exact catalogue is given only the turn's tool_choice rule."""
     if tool_request is None:
         return (plan.tools_seen if plan.conversation_id else None), ""
-    seen = memory.tools_fingerprint(tools.catalogue(tool_request), binding)
+    seen = memory.tools_fingerprint(tool_prompt.catalogue(tool_request), binding)
     known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
-    return seen, tools.tool_instructions(tool_request, with_catalogue=not known)
+    return seen, tool_prompt.tool_instructions(tool_request, with_catalogue=not known)
 
 
 def dify_query(plan_query, tool_text, format_text):

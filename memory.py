@@ -38,9 +38,9 @@ import uuid
 from dataclasses import dataclass
 
 import marks
-import tools
 from content import content_text
 from errors import bad_request
+from tool_history import render_tool_calls, render_tool_result
 
 SYSTEM_ROLES = ("system", "developer")
 
@@ -48,14 +48,14 @@ SYSTEM_ROLES = ("system", "developer")
 def render_turn(message, names_by_id):
     role = message.get("role")
     if role in ("tool", "function"):
-        return tools.render_tool_result(message, names_by_id)
+        return render_tool_result(message, names_by_id)
     text = content_text(message.get("content"))
     if role == "assistant":
         text = marks.strip_marks(text).strip()
         calls = list(message.get("tool_calls") or ())
         if "function_call" in message:
             calls.append({"id": "", "function": message["function_call"]})
-        text = "\n".join(t for t in (text, tools.render_tool_calls(calls)) if t)
+        text = "\n".join(t for t in (text, render_tool_calls(calls)) if t)
     name = message.get("name")
     attribute = f' name="{name}"' if name else ""
     return f"<{role}{attribute}>\n{text}\n</{role}>"

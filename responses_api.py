@@ -21,6 +21,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 
+from content import content_text
 from errors import bad_request
 from openai_api import ChatRequest, ChunkEncoder, json_string, parse_chat_request
 from output_format import format_instructions
@@ -141,7 +142,7 @@ def message_item(where, item):
     parts = [chat_part(f"{where}.content[{index}]", part) for index, part in enumerate(content)]
     parts = [part for part in parts if part is not None]
     if role != "user":  # only user turns carry attachments; the rest is text
-        return {"role": role, "content": "\n".join(part["text"] for part in parts if part["type"] == "text")}
+        return {"role": role, "content": content_text(parts, placeholders=False)}
     return {"role": role, "content": parts}
 
 
@@ -212,8 +213,8 @@ def call_output(where, item):
     named = _NAMED_CALL_ID.match(call_id)
     output = item.get("output")
     if isinstance(output, list):
-        output = "\n".join(p["text"] for p in (chat_part(f"{where}.output", part) for part in output)
-                           if p is not None and p["type"] == "text")
+        parts = (chat_part(f"{where}.output", part) for part in output)
+        output = content_text([part for part in parts if part is not None], placeholders=False)
     elif not isinstance(output, str):
         output = json.dumps(output, ensure_ascii=False)
     result = {"role": "tool", "tool_call_id": call_id, "content": output}
