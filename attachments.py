@@ -211,11 +211,6 @@ def _checked(policy, where, kind, name, found, data):
     return Attachment(where, kind, name, found.mime, data, dify_type=dify_type, digest=digest)
 
 
-def _custom(self, ext):
-    """Whether the app takes files of this extension as Dify's `custom` type."""
-    return self.rules is not None and CUSTOM in self.rules.types and ext in self.rules.extensions
-
-
 def _read_custom(policy, where, data_url, name, ext):
     """A file of a type the proxy does not know but the app lists by extension: sent as it is."""
     policy.dify_type(CUSTOM, ext, LOCAL, name, where)
