@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from content import content_text
 from errors import bad_request
-from openai_api import ChatRequest, ChunkEncoder, json_string
+from openai_api import ChatRequest, ChunkEncoder, json_string, parse_chat_request
 from output_format import format_instructions
 
 log = logging.getLogger("opendify.responses")
@@ -69,11 +69,9 @@ class ResponsesRequest:
 
 def parse_responses_request(body):
     """A ResponsesRequest from a decoded JSON body; 400 with `param` set when it cannot be served.
-    Unknown fields (Codex's `client_metadata`, `prompt_cache_key`, `reasoning`...) are ignored."""
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise bad_request("'model' is required and must be a non-empty string naming a model from GET /v1/models.",
-                          param="model", code="invalid_value")
+    Unknown fields (Codex's `client_metadata`, `prompt_cache_key`, `reasoning`...) are ignored. The chat
+    request it runs as is made by the chat edge (openai_api.parse_chat_request), so the code behind
+    both sees one set of shapes."""
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):
         raise bad_request("'instructions' must be a string.", param="instructions", code="invalid_type")
@@ -91,9 +89,8 @@ def parse_responses_request(body):
         chat_body["response_format"] = response_format
     user = next((body[k] for k in ("user", "safety_identifier") if isinstance(body.get(k), str) and body[k]), "")
     user = user[:MAX_USER]  # as much as the Dify end user takes; the response id carries it
-    inputs = body.get("inputs")
-    chat = ChatRequest(model=model, messages=messages, stream=body.get("stream") is True, user=user,
-                       inputs=inputs if isinstance(inputs, dict) else {}, body=chat_body)
+    chat = parse_chat_request({**chat_body, "model": body.get("model"), "messages": messages,
+                               "stream": body.get("stream") is True, "user": user, "inputs": body.get("inputs")})
     return ResponsesRequest(chat, previous or "", response_echo(body, instructions), origins)
 
 

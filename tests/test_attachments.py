@@ -315,5 +315,5 @@ def test_history_placeholders_never_carry_data():
     assert content.part_text(image("data:image/png;base64,!!!!")) == "[image]"
     assert content.part_text(image("https://x.example/p/ca%20t.gif?x=1")) == "[image: ca t.gif]"
     assert content.part_text(file_part(PDF, "../secret/a.pdf")) == "[file: a.pdf]"
-    assert content.part_text({"type": "image_url", "image_url": "https://x.example/"}) == "[image]"
+    assert content.part_text(image("https://x.example/")) == "[image]"
     assert content.part_text(image("http://[::1/cat.png")) == "[image]"
