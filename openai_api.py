@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring, encode_basestring_ascii
 
 from attachments import ATTACHMENT_PARTS
+from content import TEXT_PARTS
 from errors import bad_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -108,9 +109,6 @@ def clean_json(value):
 
 
 # --- messages ------------------------------------------------------------------------------------
-
-TEXT_PARTS = ("text", "input_text", "output_text")
-
 
 def _refuse(param, message, code="invalid_type"):
     return bad_request(f"{param} {message}", param=param, code=code)
