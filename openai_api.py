@@ -110,6 +110,8 @@ def clean_json(value):
 
 # --- messages ------------------------------------------------------------------------------------
 
+
+
 def _refuse(param, message, code="invalid_type"):
     return bad_request(f"{param} {message}", param=param, code=code)
 
