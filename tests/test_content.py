@@ -2,7 +2,7 @@
 
 import tasks
 from content import content_text, part_text
-from responses_api import call_output, message_item
+from responses_request import call_output, message_item
 
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/pics/cat.jpg"}}
 PARTS = [{"type": "text", "text": "Look:"}, IMAGE, {"type": "text", "text": ""},
