@@ -20,7 +20,7 @@ from memory import Binding
 from departures import DepartureWatch
 from errors import APIError, generic, unauthorized
 from identity import bearer_token, dify_user
-from lifecycle import shutting_down
+from in_flight import shutting_down
 from openai_api import (ChunkEncoder, TextChunkEncoder, chat_choice, completion_body, json_bytes, model_object,
                         new_completion_id, new_text_completion_id, parse_chat_request, parse_text_completion_request,
                         text_choice)

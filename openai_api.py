@@ -108,10 +108,6 @@ def clean_json(value):
     return value
 
 
-# --- messages ------------------------------------------------------------------------------------
-
-
-
 def _refuse(param, message, code="invalid_type"):
     return bad_request(f"{param} {message}", param=param, code=code)
 
