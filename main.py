@@ -4,19 +4,20 @@ import asyncio
 import logging
 import sys
 
-from server import ProxyHTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 import health
 import metrics
 import workers
+from access_log import log_request
 from config import ConfigError, load_settings
 from file_limit import raise_open_file_limit
-from handlers import NotFoundHandler, log_request, routes
+from handlers import NotFoundHandler, routes
 from marks import derive_secret
 from proxy import Proxy
 from responses_handlers import response_routes
+from server import ProxyHTTPServer
 
 log = logging.getLogger("opendify")
 
