@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from content import content_text
 from errors import bad_request
+from identity import MAX_USER
 from openai_api import ChatRequest, parse_chat_request
 from output_format import format_instructions
 from responses_ids import named_call_name
@@ -32,7 +33,6 @@ TEXT_PARTS = ("input_text", "output_text", "text", "summary_text", "reasoning_te
 CALL_ITEMS = ("function_call", "custom_tool_call")
 OUTPUT_ITEMS = ("function_call_output", "custom_tool_call_output")
 IGNORED_ITEMS = ("reasoning", "item_reference", "compaction")
-MAX_USER = 64
 _MESSAGE_PARAM = re.compile(r"messages\[(\d+)\]")
 
 
@@ -53,14 +53,6 @@ class ResponsesRequest:
         error.param = origin + error.param[len(where):]
         error.message = error.message.replace(where, origin)
         return error
-
-    @property
-    def model(self):
-        return self.chat.model
-
-    @property
-    def stream(self):
-        return self.chat.stream
 
 
 def parse_responses_request(body):
