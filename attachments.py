@@ -66,14 +66,13 @@ def _split(url):
         return None
 
 
-def attachment_parts(messages):
-    """(where, part) for every attachment in the user messages after the last assistant message."""
-    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
-               default=-1)
+def attachment_parts(messages, start):
+    """(where, part) for every attachment in the user messages from `start` on (where the new turn starts,
+    memory.new_turn_start); `where` is the part's place in the request, like `messages[4].content[1]`."""
     found = []
-    for index in range(last + 1, len(messages)):
+    for index in range(start, len(messages)):
         message = messages[index]
-        content = message.get("content") if isinstance(message, dict) and message.get("role") == "user" else None
+        content = message.get("content") if message.get("role") == "user" else None
         if isinstance(content, list):
             found.extend((f"messages[{index}].content[{position}]", part) for position, part in enumerate(content)
                          if isinstance(part, dict) and part.get("type") in ATTACHMENT_PARTS)

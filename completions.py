@@ -14,7 +14,6 @@ from tornado.ioloop import IOLoop
 
 import memory
 import metrics
-import tools
 from answer_pipeline import AnswerPipeline, ReplyMark
 from apps import CHAT_FAMILY
 from content import content_text
@@ -24,6 +23,8 @@ from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tool
 from errors import bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from output_format import format_instructions, wants_json
+from tool_calls import openai_tool_call
+from tool_request import ToolRequestError, tool_request
 from usage import usage_figures
 
 log = logging.getLogger("opendify.completions")
@@ -61,7 +62,7 @@ class Answer:
             elif kind is REPLACE:
                 self.content = [value]
             elif kind is TOOL_CALL:
-                self.tool_calls.append(tools.openai_tool_call(value))
+                self.tool_calls.append(openai_tool_call(value))
                 self.legacy = bool(value.get("legacy"))
 
     def message(self):
@@ -97,8 +98,8 @@ class Completion:
         self.reads_marks = marks and task is None and self.conversational and settings.conversation_memory_mode == 2
         self.plan = None
         try:
-            requested = tools.tool_request(request.body)
-        except tools.ToolRequestError as error:
+            requested = tool_request(request.body)
+        except ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
         # A background task is answered in text, whatever tools came with it.
         self.tool_request = None if task is not None else kept_tools(
@@ -133,7 +134,7 @@ class Completion:
         if not conversation_id:
             return None
         return memory.reply_mark(conversation_id, self.translator.message_id, self._tools_seen, self.request.messages,
-                                 reply_text, [tools.openai_tool_call(call) for call in calls], self.binding)
+                                 reply_text, [openai_tool_call(call) for call in calls], self.binding)
 
     async def start(self):
         """Plans the query, uploads the files and opens the Dify stream; early failures raise APIError.
@@ -165,7 +166,7 @@ class Completion:
                 plan = await self._check_conversation(plan)
         else:
             folded = await off_loop_if_long(messages, memory.fold_query, messages)
-            plan = memory.Plan("", folded, folded)
+            plan = memory.fresh_plan(folded)
         if not plan.fresh_query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")

@@ -19,6 +19,7 @@ from attachment_policy import Limits, Policy, describe_file, file_error, megabyt
 from attachments import attachment_parts, read_parts
 from dify_client import DifyError, StreamFailure
 from errors import dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from memory import new_turn_start
 from url_guard import URLGuard
 
 log = logging.getLogger("opendify.uploads")
@@ -87,7 +88,7 @@ class Uploads:
 
     async def attach(self, app, messages, user, model):
         """Dify `files` for the request; any bad attachment raises before anything is uploaded."""
-        parts = attachment_parts(messages)
+        parts = attachment_parts(messages, new_turn_start(messages))
         if not parts:
             return []
         policy = Policy(self.limits, app)

@@ -21,6 +21,7 @@ import attachments
 import content
 import data_urls
 import file_formats
+import memory
 import uploads
 from apps import App
 from config import ConfigError, settings_from
@@ -542,7 +543,8 @@ def test_large_base64_decodes_in_pieces_and_padding_mid_way_is_refused():
 def test_parse_data_url():
     parsed = data_urls.parse_data_url("data:Image/PNG;name=my%20cat.png;charset=x;base64,QUJD")
     assert (parsed.mime, parsed.name, parsed.text[parsed.start:]) == ("image/png", "my cat.png", "QUJD")
-    assert data_urls.decode_base64(parsed.text, parsed.start) == b"ABC" and data_urls.decoded_size(parsed.text, parsed.start) == 3
+    assert data_urls.decode_base64(parsed.text, parsed.start) == b"ABC"
+    assert data_urls.decoded_size(parsed.text, parsed.start) == 3
     assert data_urls.parse_data_url("data:;base64,QQ==").mime == ""
     for bad in ("data:image/png,QUJD", "data:image/png;base64", "data:text/plain;charset=utf-8,hi"):
         with pytest.raises(ValueError):
@@ -611,9 +613,10 @@ def test_attachment_parts_are_those_of_the_new_turn_with_their_place():
                 {"role": "tool", "tool_call_id": "t", "content": "r"},
                 user(image("https://a/2.png"), audio_part(WAV), text="x"),
                 user(file_part(PDF, "a.pdf"), text="")]
-    assert [where for where, _ in attachments.attachment_parts(messages)] == [
+    assert memory.new_turn_start(messages) == 3
+    assert [where for where, _ in attachments.attachment_parts(messages, memory.new_turn_start(messages))] == [
         "messages[4].content[1]", "messages[4].content[2]", "messages[5].content[0]"]
-    assert attachments.attachment_parts(messages[:3]) == []
+    assert memory.new_turn_start(messages[:3]) == 3 and attachments.attachment_parts(messages[:3], 3) == []
 
 
 def test_history_placeholders_never_carry_data():

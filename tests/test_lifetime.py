@@ -18,7 +18,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tools
 from apps import App
 from completions import Completion
 from config import settings_from
@@ -29,6 +28,8 @@ from memory import Binding
 from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
 from test_files import png
+from tool_calls import ToolCallParser
+from tool_request import tool_request
 
 CHAT = "Chat Bot"
 FLOW = "Flow Bot"
@@ -342,9 +343,9 @@ def test_a_50000_event_burst_is_translated_a_slice_at_a_time_so_the_loop_stays_f
 
 
 def parse_answer(pieces):
-    request = tools.tool_request({"tools": [{"type": "function", "function": {
+    request = tool_request({"tools": [{"type": "function", "function": {
         "name": "write", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]})
-    parser = tools.ToolCallParser(request)
+    parser = ToolCallParser(request)
     started = time.process_time()
     out = []
     for piece in pieces:
