@@ -16,8 +16,8 @@ collector and the Responses API all read the same pieces.
 
 import marks
 from errors import APIError
-from events import CONTENT, MARK, REPLACE, TOOL_CALL
 from output_format import json_reply
+from pieces import CONTENT, MARK, REPLACE, TOOL_CALL
 from tool_calls import ToolCallParser
 
 

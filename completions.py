@@ -18,11 +18,12 @@ from answer_pipeline import AnswerPipeline, ReplyMark
 from apps import CHAT_FAMILY
 from content import content_text
 from dify_client import DifyError, StreamFailure
+from dify_events import translator_for
 from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tools, message_variable, offered_tools,
                            text_parts)
 from errors import bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from output_format import format_instructions, wants_json
+from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from tool_calls import openai_tool_call
 from tool_request import ToolRequestError, tool_request
 from usage import usage_figures

@@ -15,8 +15,8 @@ from tornado.web import stream_request_body
 from apps import CHAT_FAMILY
 from completions import Answer
 from dify_client import DifyError, StreamFailure
+from dify_events import translator_for
 from errors import APIError, bad_request, from_dify, upstream_unreachable
-from events import translator_for
 from handlers import BaseHandler, ChatCompletionsHandler
 from identity import dify_user
 from responses_api import (ResponseEventEncoder, answer_output, ending, parse_responses_request, response_echo,

@@ -19,7 +19,7 @@ from tornado.iostream import StreamClosedError
 
 import metrics
 from errors import APIError, generic
-from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
+from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from openai_api import ChunkEncoder
 
 log = logging.getLogger("opendify.streaming")

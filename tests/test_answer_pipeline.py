@@ -5,8 +5,9 @@ the server; the server tests (test_tool_loop, test_mode2, test_modes) cover the 
 import pytest
 
 from answer_pipeline import AnswerPipeline, ReplyMark
+from dify_events import translator_for
 from errors import APIError
-from events import CONTENT, MARK, REASONING, TOOL_CALL, translator_for
+from pieces import CONTENT, MARK, REASONING, TOOL_CALL
 from tool_request import tool_request
 
 CONVERSATION = "1b6e6a49-5d4c-4b7a-9d57-1f0c0a0c2e11"
