@@ -53,12 +53,11 @@ def render_turn(message, names_by_id):
     if role == "assistant":
         text = marks.strip_marks(text).strip()
         calls = list(message.get("tool_calls") or ())
-        legacy = message.get("function_call")
-        if isinstance(legacy, dict):
-            calls.append({"id": "", "function": legacy})
+        if "function_call" in message:
+            calls.append({"id": "", "function": message["function_call"]})
         text = "\n".join(t for t in (text, render_tool_calls(calls)) if t)
     name = message.get("name")
-    attribute = f' name="{name}"' if isinstance(name, str) and name else ""
+    attribute = f' name="{name}"' if name else ""
     return f"<{role}{attribute}>\n{text}\n</{role}>"
 
 
@@ -66,9 +65,8 @@ def tool_names(messages):
     """tool_call_id → function name, so a result can name the tool it answers."""
     names = {}
     for message in messages:
-        for call in message.get("tool_calls") or ():
-            if isinstance(call, dict):
-                names[call.get("id")] = (call.get("function") or {}).get("name", "")
+        for call in message.get("tool_calls", ()):
+            names[call.get("id")] = call["function"]["name"]
     return names
 
 
@@ -163,15 +161,12 @@ def fresh_plan(folded):
 
 
 def _call_summary(call):
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict):
-        return ["", ""]
-    arguments = function.get("arguments")
+    function = call["function"]
     try:
-        arguments = json.dumps(json.loads(arguments), sort_keys=True, ensure_ascii=False)
-    except (TypeError, ValueError):
-        arguments = " ".join(str(arguments or "").split())
-    return [function.get("name") or "", arguments]
+        arguments = json.dumps(json.loads(function["arguments"]), sort_keys=True, ensure_ascii=False)
+    except ValueError:
+        arguments = " ".join(function["arguments"].split())
+    return [function["name"], arguments]
 
 
 def transcript_digest(messages):
@@ -180,7 +175,7 @@ def transcript_digest(messages):
     digest = hashlib.sha256()
     for message in messages:
         text = " ".join(marks.strip_marks(content_text(message.get("content"))).split())
-        calls = [_call_summary(call) for call in message.get("tool_calls") or ()]
+        calls = [_call_summary(call) for call in message.get("tool_calls", ())]
         entry = [message.get("role"), text, calls]
         digest.update(json.dumps(entry, ensure_ascii=False).encode())
         digest.update(b"\n")

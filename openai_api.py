@@ -19,6 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring, encode_basestring_ascii
 
+from attachments import ATTACHMENT_PARTS
+from content import TEXT_PARTS
 from errors import bad_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -106,11 +108,6 @@ def clean_json(value):
     return value
 
 
-# --- messages ------------------------------------------------------------------------------------
-
-TEXT_PARTS = ("text", "input_text", "output_text")
-
-
 def _refuse(param, message, code="invalid_type"):
     return bad_request(f"{param} {message}", param=param, code=code)
 
@@ -124,9 +121,30 @@ def _optional_string(message, key, where):
         raise _refuse(f"{where}.{key}", f"must be a string; got {type(value).__name__}.")
 
 
+def normalise_attachment(part, where):
+    """An attachment part's holder in one shape: `image_url` an object with a string `url` (a bare URL
+    string is read as one), `file` and `input_audio` objects. What they hold is checked by
+    attachments.py when the new turn's files are sent."""
+    kind = part["type"]
+    if kind == "image_url":
+        image = part.get("image_url")
+        if isinstance(image, str):
+            return {**part, "image_url": {"url": image}}
+        if not isinstance(image, dict) or not isinstance(image.get("url"), str):
+            raise bad_request(f"{where}.image_url.url must be an http(s) URL or a data: URL holding a base64 image.",
+                              param=where, code="invalid_image_url")
+    elif kind == "file" and not isinstance(part.get("file"), dict):
+        raise bad_request(f"{where}.file must be an object with 'file_data' and 'filename'.", param=where,
+                          code="invalid_file")
+    elif kind == "input_audio" and not isinstance(part.get("input_audio"), dict):
+        raise bad_request(f"{where}.input_audio must be an object with base64 'data' and a 'format' (wav or mp3).",
+                          param=where, code="invalid_audio")
+    return part
+
+
 def normalise_part(part, where):
-    """One content part: a string is a text part; a text part's missing text is empty; any other part
-    must be an object with a string `type` (attachments are checked by attachments.py when they are sent)."""
+    """One content part: a string is a text part; a text part's missing text is empty; an attachment's
+    holder has one shape (`normalise_attachment`); any other part must be an object with a string `type`."""
     if isinstance(part, str):
         return {"type": "text", "text": part}
     if not isinstance(part, dict):
@@ -143,6 +161,8 @@ def normalise_part(part, where):
             part[key] = ""
         elif not isinstance(part[key], str):
             raise _refuse(f"{where}.{key}", f"must be a string; got {type(part[key]).__name__}.")
+    elif kind in ATTACHMENT_PARTS:
+        return normalise_attachment(part, where)
     return part
 
 

@@ -96,6 +96,38 @@ def _fence_may_hold_call(visible):
     return True if len(head) == 10 else None
 
 
+class _GrowingText:
+    """The open envelope's text. It grows by every piece of a call's text, which may be long (a file
+    written by a tool): it is kept in parts and joined only when read whole, and its tail is read
+    from the last parts, so each piece is searched for the envelope's end in a window of its own
+    size and a long call costs what its length costs."""
+
+    def __init__(self, text):
+        self._parts = [text]
+        self.length = len(text)
+
+    def append(self, text):
+        self._parts.append(text)
+        self.length += len(text)
+
+    def whole(self):
+        if len(self._parts) != 1:
+            self._parts = ["".join(self._parts)]
+        return self._parts[0]
+
+    def tail(self, start):
+        """The text from `start` on."""
+        need = self.length - start
+        tail, size = [], 0
+        for part in reversed(self._parts):
+            tail.append(part)
+            size += len(part)
+            if size >= need:
+                break
+        text = "".join(reversed(tail))
+        return text[len(text) - need:]
+
+
 class ToolCallParser:
     """Streaming filter over the answer text: feed text deltas, get back the content that is
     safe to show and each call as soon as it is complete.
@@ -114,7 +146,7 @@ class ToolCallParser:
         self._in_code = False    # inside a Markdown code block that cannot hold a call
         self._quiet = True       # nothing shown since the start or the last call
         self._ws = ""            # whitespace held while quiet
-        self._env = ""           # the open envelope's text (opening tag/fence included)
+        self._env = None         # the open envelope's _GrowingText (opening tag/fence included)
         self._env_open = 0       # where its body starts
         self._env_ws = ""        # whitespace held before it (released with it if broken)
         self._checked = False    # has its body shown a character a call can start with?
@@ -140,17 +172,18 @@ class ToolCallParser:
             return []
         for _ in range(10_000):
             if self._mode == _TAG:
-                rest = self._close_at_end(self._env[self._env_open:])
+                rest = self._close_at_end(self._env.whole()[self._env_open:])
             elif self._mode == _FENCE:
-                m = _FENCE_CLOSE_AT_END.search(self._env, max(self._env_open - 1, 0))
+                env = self._env.whole()
+                m = _FENCE_CLOSE_AT_END.search(env, max(self._env_open - 1, 0))
                 if m:
-                    self._resolve(self._env[self._env_open:m.start()], self._env, True)
+                    self._resolve(env[self._env_open:m.start()], env, True)
                     rest = ""
                 else:
-                    rest = self._close_at_end(self._env[self._env_open:])
+                    rest = self._close_at_end(env[self._env_open:])
             else:
                 break
-            self._mode, self._env = _TEXT, ""
+            self._mode, self._env = _TEXT, None
             if rest:
                 self._line_start = False
                 self._process(rest)
@@ -298,7 +331,7 @@ class ToolCallParser:
 
     def _begin(self, kind, opening):
         self._mode = kind
-        self._env = opening
+        self._env = _GrowingText(opening)
         self._env_open = len(opening)
         self._env_ws, self._ws = self._ws, ""
         self._checked = False
@@ -306,65 +339,34 @@ class ToolCallParser:
     def _not_a_call(self, k, line_start):
         """The envelope's first visible characters cannot start a call: show what was held
         and scan on from there, instead of holding the rest of the answer."""
-        env = self._env
-        self._mode, self._env = _TEXT, ""
+        env = self._env.whole()
+        self._mode, self._env = _TEXT, None
         self._release(env[:k])
         self._line_start = line_start if k == 0 else env[k - 1] == "\n"
         return env[k:]
-
-    # The open envelope grows by every piece of a call's text, which may be long (a file written by
-    # a tool): it is kept in parts and joined only when read whole, and each piece is searched for
-    # the envelope's end in a window of its own size, so a long call costs what its length costs.
-
-    @property
-    def _env(self):
-        if len(self._env_parts) != 1:
-            self._env_parts = ["".join(self._env_parts)]
-        return self._env_parts[0]
-
-    @_env.setter
-    def _env(self, text):
-        self._env_parts = [text]
-        self._env_length = len(text)
-
-    def _grow(self, text):
-        self._env_parts.append(text)
-        self._env_length += len(text)
-
-    def _env_from(self, start):
-        """The envelope's text from `start` on, read from its last parts."""
-        need = self._env_length - start
-        tail, size = [], 0
-        for part in reversed(self._env_parts):
-            tail.append(part)
-            size += len(part)
-            if size >= need:
-                break
-        text = "".join(reversed(tail))
-        return text[len(text) - need:]
 
     def _scan_envelope(self, text):
         """Grow the open envelope; release it as soon as its body cannot be a call, resolve it when
         its end arrives. Returns the text after it (to scan in text mode) or None."""
         fence = self._mode == _FENCE
-        start = max(self._env_open - fence, self._env_length - 24)
-        self._grow(text)
+        start = max(self._env_open - fence, self._env.length - 24)
+        self._env.append(text)
         if not self._checked:
-            visible = self._env[self._env_open:].lstrip()
+            visible = self._env.whole()[self._env_open:].lstrip()
             verdict = _fence_may_hold_call(visible) if fence else _tag_may_hold_call(visible)
             if verdict is None:
                 return None
             if not verdict:
                 if fence:  # a code block after all: its closing fence is not an opening one
                     self._in_code = True
-                return self._not_a_call(len(self._env) - len(visible), fence)
+                return self._not_a_call(self._env.length - len(visible), fence)
             self._checked = True
         end = _FENCE_CLOSE if fence else _TAG_END
-        if end.search(self._env_from(start)) is None:
+        if end.search(self._env.tail(start)) is None:
             return None
-        env = self._env
+        env = self._env.whole()
         m = end.search(env, start)
-        self._mode, self._env = _TEXT, ""
+        self._mode, self._env = _TEXT, None
         return self._close_fence(env, m) if fence else self._close_tag(env, m)
 
     def _close_tag(self, env, m):
@@ -387,7 +389,7 @@ class ToolCallParser:
     def _close_at_end(self, body):
         """The answer ended inside an envelope: a complete call (or one missing only closing
         brackets) still counts; text after it is scanned again; else release everything."""
-        raw = self._env
+        raw = self._env.whole()
         calls, rest = calls_in(body, self._request, closed=False)
         if calls is None:
             self._release(raw)

@@ -19,23 +19,18 @@ def _attribute(value):
 def render_tool_calls(tool_calls):
     """An assistant turn's `tool_calls` in our envelope, so the model sees its own past calls
     in the protocol it is asked to use. The id rides inside the JSON (a call key the parser
-    accepts and ignores), next to the result block that names the same id."""
+    accepts and ignores), next to the result block that names the same id. The calls are in the
+    shape the edge gives them (openai_api.normalise_tool_call)."""
     blocks = []
-    for call in tool_calls or ():
-        if not isinstance(call, dict):
-            continue
-        fn = call.get("function") if isinstance(call.get("function"), dict) else call
-        name = fn.get("name") or ""
-        raw = fn.get("arguments")
-        if isinstance(raw, str):
-            try:
-                arguments = lenient_json.loads(raw) if raw.strip() else {}
-            except ValueError:
-                arguments = raw
-        else:
-            arguments = raw if raw is not None else {}
-        obj = {"id": call["id"]} if isinstance(call.get("id"), str) and call["id"] else {}
-        obj.update({"name": name, "arguments": arguments})
+    for call in tool_calls:
+        function = call["function"]
+        raw = function["arguments"]
+        try:
+            arguments = lenient_json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            arguments = raw
+        obj = {"id": call["id"]} if call.get("id") else {}
+        obj.update({"name": function["name"], "arguments": arguments})
         blocks.append("<tool_call>\n" + json.dumps(obj, ensure_ascii=False) + "\n</tool_call>")
     return "\n".join(blocks)
 

@@ -19,18 +19,18 @@ class ToolSpec:
 
 @dataclass(frozen=True)
 class ToolRequest:
-    """What the request asked for, normalised.
-
-    `legacy` (an addition, defaulted) says the tools came from the deprecated `functions`
-    field, whose answer shape (`function_call`) holds a single call.
-    """
+    """What the request asked for, normalised: the offered tools, the choice ("auto", "required",
+    "none" or "function" with `forced_name`), whether calls may come several at once, and whether
+    the tools came from the deprecated `functions` field (`legacy`), whose answer shape
+    (`function_call`) holds a single call."""
     tools: tuple  # of ToolSpec
-    choice: str  # "auto" | "required" | "none" | "function"
+    choice: str
     forced_name: str | None = None
     parallel: bool = True
     legacy: bool = False
 
     def tool(self, name):
+        """The offered tool called exactly `name`, or None."""
         for spec in self.tools:
             if spec.name == name:
                 return spec
@@ -81,94 +81,102 @@ def tool_request(body):
     "none" turns tools off. Raises ToolRequestError for ill-typed tools and for a choice
     naming a function that was not offered.
     """
+    specs, legacy = _offered(body)
+    if not specs:
+        return None
+    choice, forced, allowed = _choice(body, {spec.name for spec in specs})
+    if allowed is not None:
+        specs = [spec for spec in specs if spec.name in allowed]
+        if not specs:
+            return None
+    if choice == "none":
+        return None
+    return ToolRequest(tuple(specs), choice, forced, _parallel(body, legacy), legacy)
+
+
+def _offered(body):
+    """(the offered functions, first of each name; whether they came from legacy `functions` only)."""
     specs = []
-    seen = set()
-    legacy = False
     tools = body.get("tools")
     if tools is not None and not isinstance(tools, list):
         raise ToolRequestError("tools", "'tools' must be an array of tools.")
     for index, tool in enumerate(tools or ()):
         if not isinstance(tool, dict):
             raise ToolRequestError(f"tools[{index}]", f"'tools[{index}]' must be an object.")
-        if tool.get("type", "function") != "function":
-            continue
-        spec = _function_spec(tool.get("function"), f"tools[{index}].function")
-        if spec.name not in seen:
-            seen.add(spec.name)
-            specs.append(spec)
+        if tool.get("type", "function") == "function":
+            specs.append(_function_spec(tool.get("function"), f"tools[{index}].function"))
     functions = body.get("functions")
     if functions is not None and not isinstance(functions, list):
         raise ToolRequestError("functions", "'functions' must be an array of functions.")
-    if functions and not specs:
-        legacy = True
-    for index, fn in enumerate(functions or ()):
-        spec = _function_spec(fn, f"functions[{index}]")
-        if spec.name not in seen:
-            seen.add(spec.name)
-            specs.append(spec)
-    if not specs:
-        return None
+    legacy = bool(functions) and not specs
+    specs.extend(_function_spec(fn, f"functions[{index}]") for index, fn in enumerate(functions or ()))
+    first = {}
+    for spec in specs:
+        first.setdefault(spec.name, spec)
+    return list(first.values()), legacy
 
+
+def _choice(body, names):
+    """(choice, the forced function's name or None, the names `allowed_tools` keeps or None) of
+    `tool_choice` (or legacy `function_call`); `names` are the offered functions."""
     param = "tool_choice"
     choice = body.get("tool_choice")
     if choice is None and body.get("function_call") is not None:
         param, choice = "function_call", body.get("function_call")
-    forced = None
     if choice is None:
-        choice = "auto"
-    elif isinstance(choice, str):
+        return "auto", None, None
+    if isinstance(choice, str):
         choice = {"any": "required"}.get(choice, choice)
         if choice not in ("none", "auto", "required"):
             raise ToolRequestError(param, f"'{param}' must be \"none\", \"auto\", \"required\" or name a function.")
-    elif isinstance(choice, dict):
-        kind = choice.get("type")
-        if kind == "allowed_tools":
-            allowed = choice.get("allowed_tools")
-            if not isinstance(allowed, dict):
-                allowed = choice
-            mode = allowed.get("mode", "auto")
-            if mode not in ("auto", "required"):
-                raise ToolRequestError(param, "'tool_choice.allowed_tools.mode' must be \"auto\" or \"required\".")
-            entries = allowed.get("tools")
-            if not isinstance(entries, list):
-                raise ToolRequestError(param, "'tool_choice.allowed_tools.tools' must be an array.")
-            names = []
-            for entry in entries:
-                if isinstance(entry, dict) and entry.get("type", "function") != "function":
-                    continue
-                name = _choice_name(entry) if isinstance(entry, dict) else None
-                if name is None or name not in seen:
-                    raise ToolRequestError(param, f"'tool_choice' allows a function that is not among the tools: {name!r}.")
-                names.append(name)
-            specs = [spec for spec in specs if spec.name in names]
-            if not specs:
-                return None
-            choice = mode
-        elif kind in ("none", "auto", "required", "any"):
-            choice = "required" if kind == "any" else kind
-        elif kind in (None, "function", "tool"):
-            forced = _choice_name(choice)
-            if forced is None:
-                raise ToolRequestError(param, f"'{param}' must name a function: {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}.")
-            if forced not in seen:
-                raise ToolRequestError(param, f"'{param}' names a function that is not among the tools: {forced!r}.")
-            choice = "function"
-        else:
-            choice = "auto"  # e.g. a custom tool: ignored like custom tools themselves
-    else:
+        return choice, None, None
+    if not isinstance(choice, dict):
         raise ToolRequestError(param, f"'{param}' must be a string or an object.")
-    if choice == "none":
-        return None
+    kind = choice.get("type")
+    if kind == "allowed_tools":
+        return _allowed_tools(choice, param, names)
+    if kind in ("none", "auto", "required", "any"):
+        return ("required" if kind == "any" else kind), None, None
+    if kind in (None, "function", "tool"):
+        forced = _choice_name(choice)
+        if forced is None:
+            raise ToolRequestError(param, f"'{param}' must name a function: {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}.")
+        if forced not in names:
+            raise ToolRequestError(param, f"'{param}' names a function that is not among the tools: {forced!r}.")
+        return "function", forced, None
+    return "auto", None, None  # e.g. a custom tool: ignored like custom tools themselves
 
+
+def _allowed_tools(choice, param, names):
+    """An `allowed_tools` choice: its mode and the offered functions it keeps."""
+    allowed = choice.get("allowed_tools")
+    if not isinstance(allowed, dict):
+        allowed = choice
+    mode = allowed.get("mode", "auto")
+    if mode not in ("auto", "required"):
+        raise ToolRequestError(param, "'tool_choice.allowed_tools.mode' must be \"auto\" or \"required\".")
+    entries = allowed.get("tools")
+    if not isinstance(entries, list):
+        raise ToolRequestError(param, "'tool_choice.allowed_tools.tools' must be an array.")
+    kept = []
+    for entry in entries:
+        if isinstance(entry, dict) and entry.get("type", "function") != "function":
+            continue
+        name = _choice_name(entry) if isinstance(entry, dict) else None
+        if name is None or name not in names:
+            raise ToolRequestError(param, f"'tool_choice' allows a function that is not among the tools: {name!r}.")
+        kept.append(name)
+    return mode, None, kept
+
+
+def _parallel(body, legacy):
+    """Whether calls may come several at once: never for legacy `functions` (one `function_call`)."""
     parallel = body.get("parallel_tool_calls")
     if parallel is None:
-        parallel = not legacy
-    elif not isinstance(parallel, bool):
+        return not legacy
+    if not isinstance(parallel, bool):
         raise ToolRequestError("parallel_tool_calls", "'parallel_tool_calls' must be a boolean.")
-    elif legacy:
-        parallel = False
-    return ToolRequest(tuple(specs), choice, forced, parallel, legacy)
-
+    return parallel and not legacy
 
 
 def for_policy(request, policy):

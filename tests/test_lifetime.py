@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from attachment_support import png
 from apps import App
 from completions import Completion
 from config import settings_from
@@ -27,7 +28,6 @@ from fake_dify import Drop, End, ErrorEvent, Event, Hang, HttpError, Ping, Raw, 
 from memory import Binding
 from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
-from test_files import png
 from tool_calls import ToolCallParser
 from tool_request import tool_request
 
