@@ -19,12 +19,13 @@ from apps import CHAT_FAMILY
 from content import content_text
 from dify_client import DifyError, StreamFailure
 from dify_events import translator_for
-from dify_requests import app_inputs, dify_query, dify_request, fits, message_variable, offered_tools, text_parts
+from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tools, message_variable, offered_tools,
+                           text_parts)
 from errors import bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
 from output_format import format_instructions, wants_json
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from tool_calls import openai_tool_call
-from tool_request import ToolRequestError, for_policy, tool_request
+from tool_request import ToolRequestError, tool_request
 from usage import usage_figures
 
 log = logging.getLogger("opendify.completions")
@@ -98,9 +99,12 @@ class Completion:
         self.reads_marks = marks and task is None and self.conversational and settings.conversation_memory_mode == 2
         self.plan = None
         try:
-            self.tool_request = self._kept_tools(tool_request(request.body))
+            requested = tool_request(request.body)
         except ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
+        # A background task is answered in text, whatever tools came with it.
+        self.tool_request = None if task is not None else kept_tools(
+            requested, settings.client_tools_for(request.model), app.mode)
         self.pipeline = self._answer_pipeline()
         self._tools_seen = None
         self._tool_text = ""
@@ -116,16 +120,6 @@ class Completion:
         self.stopping = None  # the call telling Dify to stop the run, once made
         self._backlog = None  # events of a long burst still to translate, from _backlog_at on
         self._backlog_at = 0
-
-    def _kept_tools(self, requested):
-        """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
-        for completion and workflow apps (not chat agents) only a call the request forces."""
-        if self.task is not None:
-            return None  # a background task is answered in text, whatever tools came with it
-        kept = for_policy(requested, self.settings.client_tools_for(self.request.model))
-        if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
-            return None
-        return kept
 
     def _answer_pipeline(self):
         """The stages this request's answer passes (answer_pipeline.py). A reply that must parse as JSON
@@ -192,13 +186,10 @@ class Completion:
                         "unchecked", model, getattr(error, "status", None) or getattr(error, "kind", ""))
             return plan
         if latest is None:
-            log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
-                     "history", model)
-            return plan.fresh()
+            return self._afresh(plan, "Dify no longer has this chat's conversation")
         if not memory.is_newest(plan, latest.get("id"), self.binding):
-            log.info("model %r: the chat's last turn was regenerated or edited; starting a fresh Dify "
-                     "conversation from the full history", model)
-            return plan.fresh()
+            return self._afresh(plan, "the chat's last turn was regenerated or edited (its Dify conversation is "
+                                      "stale)")
         return plan
 
     async def _check_conversation(self, plan):
@@ -216,8 +207,11 @@ class Completion:
             return plan
         if plan.explicit:
             raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
-        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
-                 "history", self.request.model)
+        return self._afresh(plan, "Dify no longer has this chat's conversation")
+
+    def _afresh(self, plan, reason):
+        """The plan for a fresh Dify conversation from the whole visible chat, logged with the reason."""
+        log.info("model %r: %s; starting a fresh one from the full history", self.request.model, reason)
         return plan.fresh()
 
     def _query(self):
@@ -265,9 +259,7 @@ class Completion:
         if self._retried:
             return False
         if error.status == 404 and self.plan.conversation_id and not self.plan.explicit:
-            log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
-                     "history", self.request.model)
-            self.plan = self.plan.fresh()
+            self.plan = self._afresh(self.plan, "Dify no longer has this chat's conversation")
         elif error.status == 400 and self._files and "upload file" in error.message.lower():
             log.info("model %r: Dify no longer has a cached upload; uploading the files again", self.request.model)
             self.uploads.cache.forget(self.app.key, self.user)

@@ -10,9 +10,21 @@ for Dify, so the rules can be read and tested without a server.
 
 import memory
 import tool_prompt
+from apps import CHAT_FAMILY
 from inputs import check_inputs, form_variables, text_variable
+from tool_request import for_policy
 
 FORM_TEXT_MODES = ("completion", "workflow")  # apps that read the user's text from their input form
+
+
+def kept_tools(requested, policy, mode):
+    """The client's tools a request keeps (a tool_request.ToolRequest, or None): those the operator's
+    CLIENT_TOOLS `policy` for the model allows, and for completion and workflow apps (not chat
+    agents) only a call the request forces."""
+    kept = for_policy(requested, policy)
+    if kept is not None and mode not in CHAT_FAMILY and kept.choice not in ("required", "function"):
+        return None
+    return kept
 
 
 def offered_tools(tool_request, plan, binding):

@@ -5,7 +5,8 @@ import pytest
 
 import tool_prompt
 from apps import App
-from dify_requests import app_inputs, dify_query, dify_request, fits, message_variable, offered_tools, text_parts
+from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tools, message_variable, offered_tools,
+                           text_parts)
 from errors import APIError
 from memory import Binding, Plan, tools_fingerprint
 from tool_request import tool_request
@@ -46,6 +47,14 @@ def test_the_query_is_the_plan_then_the_tools_then_the_output_format():
     assert dify_query("hi", "TOOLS", "JSON") == "hi\n\nTOOLS\n\nJSON"
     assert dify_query("hi", "", "JSON") == "hi\n\nJSON"
     assert dify_query("hi", "", "") == "hi"
+
+
+def test_a_completion_or_workflow_app_keeps_only_a_forced_call_and_the_policy_rules_all():
+    offered = tool_request({"tools": [WEATHER]})
+    forced = tool_request({"tools": [WEATHER], "tool_choice": "required"})
+    assert kept_tools(offered, "all", "agent-chat") is offered
+    assert kept_tools(offered, "all", "workflow") is None and kept_tools(forced, "all", "completion") is forced
+    assert kept_tools(offered, "forced", "chat") is None and kept_tools(forced, "off", "chat") is None
 
 
 def test_a_conversation_that_has_the_catalogue_gets_only_the_turns_rule():
