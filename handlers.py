@@ -134,9 +134,12 @@ def model_not_found(model_id, registry):
 
 
 @stream_request_body
-class ChatCompletionsHandler(BoundedBody, BaseHandler):
-    """POST /v1/chat/completions. `post` owns the Dify run's lifetime: whatever happens (an answer, an
-    error, a client that leaves at any moment), its `finally` ends the run and stops watching the client."""
+class AnswerHandler(BoundedBody, BaseHandler):
+    """A POST answered by one Dify run, streamed or whole; each protocol (chat, text completions, the
+    Responses API) is a subclass that says how to read its request and write its answer. `post` owns
+    the run's lifetime: whatever happens (an answer, an error, a client that leaves at any moment), its
+    `finally` ends the run and stops watching the client. The Completion is kept on the handler so that
+    `on_connection_close` can cancel it."""
 
     marks = True  # mode 2 keeps the conversation in marks (the Responses API keeps it in response ids)
     names_conversation = True  # a whole answer names its Dify conversation in X-Dify-Conversation-Id
@@ -230,14 +233,33 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
             self.completion.cancel()
 
     async def read(self):
-        """The ChatRequest the run serves."""
-        self.completion_id = new_completion_id()
-        return await self.read_request(parse_chat_request)
+        """The ChatRequest the run serves, read from the body (a protocol also makes its ids here)."""
+        raise NotImplementedError
 
     def continues(self, request):
         """Names the Dify conversation the request continues when its body does not: the header's."""
         if not request.conversation_id:
             request.conversation_id = self.request.headers.get("X-Dify-Conversation-Id", "").strip()
+
+    def encoder(self, request):
+        """The stream's event encoder (see streaming.EventStreamResponse)."""
+        raise NotImplementedError
+
+    def answer_body(self, request, answer):
+        """The whole answer's JSON body."""
+        raise NotImplementedError
+
+    def explained(self, error):
+        """An error of the run said in the client's terms (a chat request's own are already)."""
+        return error
+
+
+class ChatCompletionsHandler(AnswerHandler):
+    """POST /v1/chat/completions."""
+
+    async def read(self):
+        self.completion_id = new_completion_id()
+        return await self.read_request(parse_chat_request)
 
     def encoder(self, request):
         return ChunkEncoder(self.completion_id, request.model)
@@ -246,12 +268,8 @@ class ChatCompletionsHandler(BoundedBody, BaseHandler):
         return completion_body(self.completion_id, int(time.time()), request.model,
                                chat_choice(answer.message(), self.completion.finish_reason()), self.tokens)
 
-    def explained(self, error):
-        """An error of the run said in the client's terms (the chat request's own are already)."""
-        return error
 
-
-class TextCompletionsHandler(ChatCompletionsHandler):
+class TextCompletionsHandler(AnswerHandler):
     """Legacy POST /v1/completions (Continue's autocomplete, LlamaIndex `OpenAILike`): the prompt is
     run like a one-message chat and answered in the text_completion shape."""
 

@@ -10,14 +10,12 @@ see responses_ids.py); only parsing and encoding are the Responses API's own
 import time
 from urllib.parse import urlencode
 
-from tornado.web import stream_request_body
-
 from apps import CHAT_FAMILY
 from completions import Answer
 from dify_client import DifyError, StreamFailure
 from dify_events import translator_for
 from errors import APIError, bad_request, from_dify, upstream_unreachable
-from handlers import BaseHandler, ChatCompletionsHandler
+from handlers import AnswerHandler, BaseHandler
 from identity import dify_user
 from responses_ids import make_response_id, read_response_id
 from responses_output import ResponseEventEncoder, answer_output, ending, response_object
@@ -27,11 +25,10 @@ from usage import usage_figures
 HISTORY_PAGE = 100  # the most messages one Dify GET /messages returns: how far back GET /v1/responses/{id} reaches
 
 
-@stream_request_body
-class ResponsesHandler(ChatCompletionsHandler):
-    """POST /v1/responses: one Dify run answered as a response object or its event stream. The chat
-    handler's flow runs it (its begin, background-task routing included, departures and the final
-    close); only reading the request and writing the answer are the Responses API's own."""
+class ResponsesHandler(AnswerHandler):
+    """POST /v1/responses: one Dify run answered as a response object or its event stream. The flow is
+    the chat handler's (AnswerHandler: its begin, background-task routing included, departures and the
+    final close); only reading the request and writing the answer are the Responses API's own."""
 
     marks = False  # the response id carries the conversation
     response_id = None
