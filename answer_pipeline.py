@@ -15,10 +15,10 @@ collector and the Responses API all read the same pieces.
 """
 
 import marks
-import tools
 from errors import APIError
-from events import CONTENT, MARK, REPLACE, TOOL_CALL
 from output_format import json_reply
+from pieces import CONTENT, MARK, REPLACE, TOOL_CALL
+from tool_calls import ToolCallParser
 
 
 class AnswerPipeline:
@@ -26,11 +26,11 @@ class AnswerPipeline:
     (the usage estimate when Dify reports none) and tells whether the answer ended in tool calls."""
 
     def __init__(self, translator, tool_request=None, structured=False, reply_mark=None):
-        """`tool_request`: the client's tools to parse calls of (tools.ToolRequest), None for none;
+        """`tool_request`: the client's tools to parse calls of (tool_request.ToolRequest), None for none;
         `structured`: the reply must parse as JSON; `reply_mark`: a ReplyMark in mode 2, else None."""
         self.translator = translator
         self.tool_request = tool_request
-        self.tool_parser = tools.ToolCallParser(tool_request) if tool_request else None
+        self.tool_parser = ToolCallParser(tool_request) if tool_request else None
         self.structured = structured
         self.reply_mark = reply_mark
         self.answer_length = 0

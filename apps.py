@@ -26,16 +26,14 @@ def key_id(key):
 
 @dataclass(frozen=True)
 class App:
+    """One Dify app served as a model: its model id (its Dify name, made unique), mode and key;
+    `parameters` is its /parameters (input form, file upload settings); `created` when first listed."""
     model_id: str
     name: str
     mode: str
     key: str = field(repr=False)
     parameters: dict = field(default_factory=dict, repr=False, compare=False)
     created: int = 0
-
-    @property
-    def key_id(self):
-        return key_id(self.key)
 
     @property
     def mark_id(self):

@@ -27,17 +27,13 @@ def placeholder(part):
     """An attachment part as short text, like `[image: cat.png]`: what history shows instead of the file."""
     kind = part.get("type")
     if kind == "image_url":
-        image = part.get("image_url")
-        url = image.get("url", "") if isinstance(image, dict) else image
-        name = _image_name(url) if isinstance(url, str) else ""
+        name = _image_name(part["image_url"]["url"])
         return f"[image: {name}]" if name else "[image]"
     if kind == "input_audio":
-        audio = part.get("input_audio")
-        fmt = audio.get("format") if isinstance(audio, dict) else None
+        fmt = part["input_audio"].get("format")
         return f"[audio: {safe_filename(fmt)[:16]}]" if isinstance(fmt, str) and safe_filename(fmt) else "[audio]"
     if kind == "file":
-        file = part.get("file")
-        name = file.get("filename") if isinstance(file, dict) else None
+        name = part["file"].get("filename")
         name = safe_filename(name) if isinstance(name, str) else ""
         return f"[file: {name}]" if name else "[file]"
     return f"[{kind}]" if kind else ""
@@ -66,17 +62,16 @@ def _split(url):
         return None
 
 
-def attachment_parts(messages):
-    """(where, part) for every attachment in the user messages after the last assistant message."""
-    last = max((i for i, m in enumerate(messages) if isinstance(m, dict) and m.get("role") == "assistant"),
-               default=-1)
+def attachment_parts(messages, start):
+    """(where, part) for every attachment in the user messages from `start` on (where the new turn starts,
+    memory.new_turn_start); `where` is the part's place in the request, like `messages[4].content[1]`."""
     found = []
-    for index in range(last + 1, len(messages)):
+    for index in range(start, len(messages)):
         message = messages[index]
-        content = message.get("content") if isinstance(message, dict) and message.get("role") == "user" else None
+        content = message.get("content") if message.get("role") == "user" else None
         if isinstance(content, list):
             found.extend((f"messages[{index}].content[{position}]", part) for position, part in enumerate(content)
-                         if isinstance(part, dict) and part.get("type") in ATTACHMENT_PARTS)
+                         if part["type"] in ATTACHMENT_PARTS)
     return found
 
 
@@ -115,8 +110,8 @@ def read_part(policy, where, part):
 
 
 def _read_image(policy, where, image):
-    url = image.get("url") if isinstance(image, dict) else image
-    if not isinstance(url, str) or not url.strip():
+    url = image["url"]
+    if not url.strip():
         raise file_error(400, "invalid_image_url", where,
                          f"{where}.image_url.url must be an http(s) URL or a data: URL holding a base64 image.")
     url = url.strip()
@@ -156,9 +151,6 @@ def _read_image_data(policy, where, url):
 
 
 def _read_file(policy, where, file):
-    if not isinstance(file, dict):
-        raise file_error(400, "invalid_file", where,
-                         f"{where}.file must be an object with 'file_data' and 'filename'.")
     file_data = file.get("file_data")
     if not isinstance(file_data, str) or not file_data:
         if file.get("file_id"):
@@ -212,11 +204,6 @@ def _checked(policy, where, kind, name, found, data):
     return Attachment(where, kind, name, found.mime, data, dify_type=dify_type, digest=digest)
 
 
-def _custom(self, ext):
-    """Whether the app takes files of this extension as Dify's `custom` type."""
-    return self.rules is not None and CUSTOM in self.rules.types and ext in self.rules.extensions
-
-
 def _read_custom(policy, where, data_url, name, ext):
     """A file of a type the proxy does not know but the app lists by extension: sent as it is."""
     policy.dify_type(CUSTOM, ext, LOCAL, name, where)
@@ -228,7 +215,7 @@ def _read_custom(policy, where, data_url, name, ext):
 
 
 def _read_audio(policy, where, audio):
-    if not isinstance(audio, dict) or not isinstance(audio.get("data"), str) or not audio["data"]:
+    if not isinstance(audio.get("data"), str) or not audio["data"]:
         raise file_error(400, "invalid_audio", where,
                          f"{where}.input_audio must be an object with base64 'data' and a 'format' (wav or mp3).")
     fmt = str(audio.get("format") or "").lower()

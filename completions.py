@@ -14,15 +14,18 @@ from tornado.ioloop import IOLoop
 
 import memory
 import metrics
-import tools
 from answer_pipeline import AnswerPipeline, ReplyMark
 from apps import CHAT_FAMILY
 from content import content_text
 from dify_client import DifyError, StreamFailure
-from dify_requests import app_inputs, dify_query, dify_request, fits, message_variable, offered_tools, text_parts
+from dify_events import translator_for
+from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tools, message_variable, offered_tools,
+                           text_parts)
 from errors import bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
-from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL, translator_for
 from output_format import format_instructions, wants_json
+from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
+from tool_calls import openai_tool_call
+from tool_request import ToolRequestError, tool_request
 from usage import usage_figures
 
 log = logging.getLogger("opendify.completions")
@@ -60,7 +63,7 @@ class Answer:
             elif kind is REPLACE:
                 self.content = [value]
             elif kind is TOOL_CALL:
-                self.tool_calls.append(tools.openai_tool_call(value))
+                self.tool_calls.append(openai_tool_call(value))
                 self.legacy = bool(value.get("legacy"))
 
     def message(self):
@@ -96,9 +99,12 @@ class Completion:
         self.reads_marks = marks and task is None and self.conversational and settings.conversation_memory_mode == 2
         self.plan = None
         try:
-            self.tool_request = self._kept_tools(tools.tool_request(request.body))
-        except tools.ToolRequestError as error:
+            requested = tool_request(request.body)
+        except ToolRequestError as error:
             raise bad_request(str(error), param=error.param, code="invalid_tools")
+        # A background task is answered in text, whatever tools came with it.
+        self.tool_request = None if task is not None else kept_tools(
+            requested, settings.client_tools_for(request.model), app.mode)
         self.pipeline = self._answer_pipeline()
         self._tools_seen = None
         self._tool_text = ""
@@ -115,16 +121,6 @@ class Completion:
         self._backlog = None  # events of a long burst still to translate, from _backlog_at on
         self._backlog_at = 0
 
-    def _kept_tools(self, requested):
-        """The client's tools this request keeps: the operator's CLIENT_TOOLS policy for the model, and
-        for completion and workflow apps (not chat agents) only a call the request forces."""
-        if self.task is not None:
-            return None  # a background task is answered in text, whatever tools came with it
-        kept = tools.for_policy(requested, self.settings.client_tools_for(self.request.model))
-        if kept is not None and not self.conversational and kept.choice not in ("required", "function"):
-            return None
-        return kept
-
     def _answer_pipeline(self):
         """The stages this request's answer passes (answer_pipeline.py). A reply that must parse as JSON
         carries no mark: its conversation id is in X-Dify-Conversation-Id."""
@@ -139,7 +135,7 @@ class Completion:
         if not conversation_id:
             return None
         return memory.reply_mark(conversation_id, self.translator.message_id, self._tools_seen, self.request.messages,
-                                 reply_text, [tools.openai_tool_call(call) for call in calls], self.binding)
+                                 reply_text, [openai_tool_call(call) for call in calls], self.binding)
 
     async def start(self):
         """Plans the query, uploads the files and opens the Dify stream; early failures raise APIError.
@@ -171,7 +167,7 @@ class Completion:
                 plan = await self._check_conversation(plan)
         else:
             folded = await off_loop_if_long(messages, memory.fold_query, messages)
-            plan = memory.Plan("", folded, folded)
+            plan = memory.fresh_plan(folded)
         if not plan.fresh_query.strip():
             raise bad_request("The messages contain no text to send to the app.", param="messages",
                               code="empty_query")
@@ -190,13 +186,10 @@ class Completion:
                         "unchecked", model, getattr(error, "status", None) or getattr(error, "kind", ""))
             return plan
         if latest is None:
-            log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
-                     "history", model)
-            return plan.fresh()
+            return self._afresh(plan, "Dify no longer has this chat's conversation")
         if not memory.is_newest(plan, latest.get("id"), self.binding):
-            log.info("model %r: the chat's last turn was regenerated or edited; starting a fresh Dify "
-                     "conversation from the full history", model)
-            return plan.fresh()
+            return self._afresh(plan, "the chat's last turn was regenerated or edited (its Dify conversation is "
+                                      "stale)")
         return plan
 
     async def _check_conversation(self, plan):
@@ -214,8 +207,11 @@ class Completion:
             return plan
         if plan.explicit:
             raise from_dify(404, "not_found", "Conversation Not Exists.", self.request.model)
-        log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
-                 "history", self.request.model)
+        return self._afresh(plan, "Dify no longer has this chat's conversation")
+
+    def _afresh(self, plan, reason):
+        """The plan for a fresh Dify conversation from the whole visible chat, logged with the reason."""
+        log.info("model %r: %s; starting a fresh one from the full history", self.request.model, reason)
         return plan.fresh()
 
     def _query(self):
@@ -263,9 +259,7 @@ class Completion:
         if self._retried:
             return False
         if error.status == 404 and self.plan.conversation_id and not self.plan.explicit:
-            log.info("model %r: Dify no longer has this chat's conversation; starting a fresh one from the full "
-                     "history", self.request.model)
-            self.plan = self.plan.fresh()
+            self.plan = self._afresh(self.plan, "Dify no longer has this chat's conversation")
         elif error.status == 400 and self._files and "upload file" in error.message.lower():
             log.info("model %r: Dify no longer has a cached upload; uploading the files again", self.request.model)
             self.uploads.cache.forget(self.app.key, self.user)

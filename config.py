@@ -6,7 +6,6 @@ instead of surfacing later as a confusing runtime error.
 """
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -17,48 +16,22 @@ class ConfigError(Exception):
     """A setting is missing or malformed; the message names it and says how to fix it."""
 
 
-@dataclass(frozen=True)
 class Settings:
-    dify_api_keys: tuple = field(repr=False)
-    dify_api_base: str
-    valid_api_keys: tuple = field(repr=False)
-    server_host: str = "127.0.0.1"
-    server_port: int = 5000
-    conversation_memory_mode: int = 1
-    dify_connect_timeout: float = 10.0
-    dify_idle_timeout: float = 90.0
-    dify_max_connections: int = 1000
-    dify_proxy: str = field(default="", repr=False)
-    dify_no_proxy: str = None
-    ssl_cert_file: str = ""
-    ssl_cert_dir: str = ""
-    keepalive_interval: float = 10.0
-    model_refresh_interval: float = 300.0
-    cors_origins: tuple = ("*",)
-    log_level: str = "INFO"
-    max_request_bytes: int = 40 * 1024 * 1024
-    max_image_bytes: int = 10 * 1024 * 1024
-    max_file_bytes: int = 15 * 1024 * 1024
-    max_files: int = 10
-    upload_cache_size: int = 1000
-    upload_cache_ttl: float = 3600.0
-    mark_secret: str = field(default="", repr=False)
-    agent_work: str = "reasoning"
-    think_tags: str = "reasoning"
-    workflow_progress: str = "off"
-    input_variable: str = ""
-    smooth_streaming: bool = True
-    smooth_max_lag: float = 0.4
-    smooth_frame: float = 0.02
-    workers: int = 1
-    shutdown_grace: float = 5.0
-    metrics_key: str = field(default="", repr=False)
-    health_details: bool = False
-    client_stall_timeout: float = 60.0
-    client_tools: str = "all"
-    client_tools_by_model: tuple = ()
-    task_model: str = ""
-    allow_private_urls: bool = False
+    """The checked settings, as attributes named after their variables (`settings.dify_api_base`).
+    Made only by `settings_from`, which holds each setting's default and check, once. Read-only; its repr
+    leaves out the keys and secrets (the proxy URL may hold a password)."""
+
+    HIDDEN = ("dify_api_keys", "valid_api_keys", "dify_proxy", "mark_secret", "metrics_key")
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"settings are read-only: {name}")
+
+    def __repr__(self):
+        shown = ", ".join(f"{name}={value!r}" for name, value in vars(self).items() if name not in self.HIDDEN)
+        return f"Settings({shown})"
 
     def client_tools_for(self, model):
         """The CLIENT_TOOLS policy for a model: its CLIENT_TOOLS_BY_MODEL entry, else CLIENT_TOOLS."""

@@ -9,10 +9,22 @@ for Dify, so the rules can be read and tested without a server.
 """
 
 import memory
-import tools
+import tool_prompt
+from apps import CHAT_FAMILY
 from inputs import check_inputs, form_variables, text_variable
+from tool_request import for_policy
 
 FORM_TEXT_MODES = ("completion", "workflow")  # apps that read the user's text from their input form
+
+
+def kept_tools(requested, policy, mode):
+    """The client's tools a request keeps (a tool_request.ToolRequest, or None): those the operator's
+    CLIENT_TOOLS `policy` for the model allows, and for completion and workflow apps (not chat
+    agents) only a call the request forces."""
+    kept = for_policy(requested, policy)
+    if kept is not None and mode not in CHAT_FAMILY and kept.choice not in ("required", "function"):
+        return None
+    return kept
 
 
 def offered_tools(tool_request, plan, binding):
@@ -21,9 +33,9 @@ def offered_tools(tool_request, plan, binding):
     this exact catalogue is given only the turn's tool_choice rule."""
     if tool_request is None:
         return (plan.tools_seen if plan.conversation_id else None), ""
-    seen = memory.tools_fingerprint(tools.catalogue(tool_request), binding)
+    seen = memory.tools_fingerprint(tool_prompt.catalogue(tool_request), binding)
     known = bool(plan.conversation_id) and plan.tools_seen is not None and plan.tools_seen == seen
-    return seen, tools.tool_instructions(tool_request, with_catalogue=not known)
+    return seen, tool_prompt.tool_instructions(tool_request, with_catalogue=not known)
 
 
 def dify_query(plan_query, tool_text, format_text):

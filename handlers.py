@@ -9,30 +9,29 @@ import logging
 import time
 import uuid
 from functools import partial
-from urllib.parse import unquote
-
-import metrics
 
 from tornado.web import RequestHandler, stream_request_body
 
 from completions import Completion, LocalAnswer
-from memory import Binding
 from departures import DepartureWatch
 from errors import APIError, generic, unauthorized
 from identity import bearer_token, dify_user
-from lifecycle import shutting_down
-from openai_api import (ChunkEncoder, TextChunkEncoder, chat_choice, completion_body, json_bytes, model_object,
-                        new_completion_id, new_text_completion_id, parse_chat_request, parse_text_completion_request,
-                        text_choice)
+from in_flight import shutting_down
+from memory import Binding
+from openai_api import parse_chat_request, parse_text_completion_request
+from openai_output import (ChunkEncoder, TextChunkEncoder, chat_choice, completion_body, json_bytes, model_object,
+                           new_completion_id, new_text_completion_id, text_choice)
 from request_body import BoundedBody
 from streaming import EventStreamResponse
 from tasks import local_answer, task_kind
 
-access_log = logging.getLogger("opendify.access")
 log = logging.getLogger("opendify.handlers")
 
 
 class BaseHandler(RequestHandler):
+    """What every endpoint shares: the client's key checked, CORS, a request id, and errors as OpenAI JSON
+    (Tornado's own 404/405/500 included). `model`, `app`, `tokens` and `error_code` feed the access line."""
+
     model = None
     app = None  # the served app the request named, once resolved
     tokens = None
@@ -98,17 +97,23 @@ class BaseHandler(RequestHandler):
 
 
 class NotFoundHandler(BaseHandler):
+    """Any other path: an OpenAI-shaped 404 (Tornado's would be HTML)."""
+
     def prepare(self):
         raise generic(404, "")
 
 
 class ModelsHandler(BaseHandler):
+    """GET /v1/models: the served apps (right after start-up, once the first /info round is in)."""
+
     async def get(self):
         await self.proxy.registry.first_listing()
         self.write_json({"object": "list", "data": [model_object(app) for app in self.proxy.registry.all()]})
 
 
 class ModelHandler(BaseHandler):
+    """GET /v1/models/{id}: one served app, or a 404 naming those there are."""
+
     async def get(self, model_id):
         app = await self.proxy.registry.resolve(model_id)
         if app is None:
@@ -263,40 +268,6 @@ class TextCompletionsHandler(ChatCompletionsHandler):
         return completion_body(self.completion_id, int(time.time()), request.model,
                                text_choice("".join(answer.content), self.completion.finish_reason()), self.tokens,
                                kind="text_completion")
-
-
-def log_request(handler):
-    """One access line per request: id, method, path, status, duration, model, tokens. No keys, no prompts."""
-    status = handler.get_status()
-    duration = 1000.0 * (time.monotonic() - getattr(handler, "started", time.monotonic()))
-    model = getattr(handler, "model", None)
-    tokens = getattr(handler, "tokens", None)
-    token_text = (f" tokens={tokens.get('prompt_tokens', 0)}+{tokens.get('completion_tokens', 0)}"
-                  if tokens else "")
-    error = getattr(handler, "error_code", None)
-    level = logging.INFO if status < 500 else logging.WARNING
-    if getattr(handler, "probe", False) and status in (200, 503):
-        level = logging.DEBUG  # load balancers ask every few seconds; "not ready" is an answer, not a failure
-    metrics.request_done(model_label(handler), endpoint_label(handler), status, duration / 1000, tokens)
-    access_log.log(level, "%s %s %s %d %.1fms%s%s%s", getattr(handler, "request_id", "-"), handler.request.method,
-                   handler.request.path, status, duration, f" model={model!r}" if model else "", token_text,
-                   f" error={error}" if error else "")
-
-
-def endpoint_label(handler):
-    """The route a request took, with its path arguments as placeholders (a bounded set of values)."""
-    if isinstance(handler, NotFoundHandler):
-        return "other"
-    path = unquote(handler.request.path)
-    for argument in handler.path_args or ():
-        path = path.replace(argument, "{id}")
-    return path
-
-
-def model_label(handler):
-    """The served model the request named, else "-": a client's invented names must not each become a series."""
-    app = getattr(handler, "app", None)
-    return app.model_id if app is not None else "-"
 
 
 def routes():

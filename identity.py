@@ -9,7 +9,7 @@ here, so two keys never share a Dify user (nor, through it, a conversation).
 import hashlib
 import hmac
 
-_MAX_USER_FIELD = 64
+MAX_USER = 64  # characters of a request's `user` kept in its Dify end user
 
 
 def bearer_token(header):
@@ -27,7 +27,7 @@ def dify_user(client, request_user=""):
     """The Dify end user for a request: the client's id, plus the request's own `user` if it sent one,
     so two client keys never share a Dify end user (nor, through it, a conversation)."""
     if request_user:
-        return f"opendify-{client}:{request_user[:_MAX_USER_FIELD]}"
+        return f"opendify-{client}:{request_user[:MAX_USER]}"
     return f"opendify-{client}"
 
 

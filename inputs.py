@@ -17,6 +17,9 @@ _HOW = "send it in the request body's \"inputs\" object (OpenAI SDKs: extra_body
 
 @dataclass(frozen=True)
 class Variable:
+    """One variable of the form: its name and kind (`text-input`, `paragraph`, `select`, `number`,
+    `checkbox`, ...), and what Dify checks of its value, so the proxy can check the same first."""
+
     name: str
     kind: str
     label: str = ""
@@ -26,6 +29,7 @@ class Variable:
     options: tuple = ()
 
     def title(self):
+        """How an error names the variable: `'city' (City)`."""
         return f"'{self.name}' ({self.label})" if self.label and self.label != self.name else f"'{self.name}'"
 
 

@@ -4,18 +4,20 @@ import asyncio
 import logging
 import sys
 
-from server import ProxyHTTPServer
 from tornado.netutil import bind_sockets
 from tornado.web import Application
 
 import health
-import lifecycle
 import metrics
+import workers
+from access_log import log_request
 from config import ConfigError, load_settings
-from handlers import NotFoundHandler, log_request, routes
+from file_limit import raise_open_file_limit
+from handlers import NotFoundHandler, routes
 from marks import derive_secret
 from proxy import Proxy
 from responses_handlers import response_routes
+from server import ProxyHTTPServer
 
 log = logging.getLogger("opendify")
 
@@ -24,8 +26,8 @@ def make_app(settings):
     """The Tornado application and the shared proxy state behind it."""
     secret = derive_secret(settings.mark_secret, list(settings.dify_api_keys) + list(settings.valid_api_keys))
     proxy = Proxy(settings, secret)
-    app = Application(routes() + response_routes() + health.routes(), proxy=proxy, default_handler_class=NotFoundHandler,
-                      log_function=log_request)
+    app = Application(routes() + response_routes() + health.routes(), proxy=proxy,
+                      default_handler_class=NotFoundHandler, log_function=log_request)
     return app, proxy
 
 
@@ -64,7 +66,7 @@ async def serve(settings, sockets):
     server, proxy, port = start(settings, sockets)
     log.info("OpenDify listening on http://%s:%d/v1", settings.server_host, port)
     stopping = asyncio.Event()
-    lifecycle.on_stop_signal(lambda name: (log.info("%s: stopping", name), stopping.set()))
+    workers.on_stop_signal(lambda name: (log.info("%s: stopping", name), stopping.set()))
     await stopping.wait()
     await stop(server, proxy, settings.shutdown_grace)
     log.info("stopped")
@@ -88,7 +90,7 @@ def main():
         sys.stderr.write(f"opendify: configuration error: {error}\n")
         sys.exit(2)
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    lifecycle.raise_open_file_limit(settings.dify_max_connections)
+    raise_open_file_limit(settings.dify_max_connections)
     sockets = bind_sockets(settings.server_port, settings.server_host)
     if settings.workers == 1:
         run(serve(settings, sockets))
@@ -97,7 +99,7 @@ def main():
     if directory:
         log.info("metrics of the %d workers are kept in %s", settings.workers, directory)
     try:
-        lifecycle.fork_workers(settings.workers)
+        workers.fork_workers(settings.workers)
     except BaseException:  # the parent, once every worker has exited (SystemExit) or too many died
         if made:
             metrics.remove_directory(directory)

@@ -3,7 +3,7 @@
 In memory mode 2 the proxy hides the Dify conversation id inside the assistant
 reply and reads it back from the history the client resends.  This module is
 the encoding: ``make_mark`` builds a mark, ``find_mark`` finds the newest
-valid one in a message's content, ``strip_marks`` removes mark-shaped runs so
+valid one in a resent reply's text, ``strip_marks`` removes mark-shaped runs so
 histories can be compared and text shown clean, ``mark_placement`` says where
 a mark can go without changing how the reply renders.
 

@@ -38,9 +38,9 @@ import uuid
 from dataclasses import dataclass
 
 import marks
-import tools
 from content import content_text
 from errors import bad_request
+from tool_history import render_tool_calls, render_tool_result
 
 SYSTEM_ROLES = ("system", "developer")
 
@@ -48,17 +48,16 @@ SYSTEM_ROLES = ("system", "developer")
 def render_turn(message, names_by_id):
     role = message.get("role")
     if role in ("tool", "function"):
-        return tools.render_tool_result(message, names_by_id)
+        return render_tool_result(message, names_by_id)
     text = content_text(message.get("content"))
     if role == "assistant":
         text = marks.strip_marks(text).strip()
         calls = list(message.get("tool_calls") or ())
-        legacy = message.get("function_call")
-        if isinstance(legacy, dict):
-            calls.append({"id": "", "function": legacy})
-        text = "\n".join(t for t in (text, tools.render_tool_calls(calls)) if t)
+        if "function_call" in message:
+            calls.append({"id": "", "function": message["function_call"]})
+        text = "\n".join(t for t in (text, render_tool_calls(calls)) if t)
     name = message.get("name")
-    attribute = f' name="{name}"' if isinstance(name, str) and name else ""
+    attribute = f' name="{name}"' if name else ""
     return f"<{role}{attribute}>\n{text}\n</{role}>"
 
 
@@ -66,9 +65,8 @@ def tool_names(messages):
     """tool_call_id → function name, so a result can name the tool it answers."""
     names = {}
     for message in messages:
-        for call in message.get("tool_calls") or ():
-            if isinstance(call, dict):
-                names[call.get("id")] = (call.get("function") or {}).get("name", "")
+        for call in message.get("tool_calls", ()):
+            names[call.get("id")] = call["function"]["name"]
     return names
 
 
@@ -77,28 +75,40 @@ def system_prompt(messages):
                                    if m.get("role") in SYSTEM_ROLES) if t)
 
 
+def new_turn_start(messages):
+    """Where the new turn starts: just after the last assistant message (0 when there is none). The new
+    turn is what the client asks now; everything before it is the conversation so far."""
+    for index in range(len(messages) - 1, -1, -1):
+        if messages[index].get("role") == "assistant":
+            return index + 1
+    return 0
+
+
+def _turns(messages):
+    """The messages that are turns of the chat: all but the system and developer prompts."""
+    return [m for m in messages if m.get("role") not in SYSTEM_ROLES]
+
+
 def split_turns(messages):
-    """(conversation so far, new turns): the new turns are those after the last assistant message."""
-    turns = [m for m in messages if m.get("role") not in SYSTEM_ROLES]
-    last = max((i for i, m in enumerate(turns) if m.get("role") == "assistant"), default=-1)
-    if last == len(turns) - 1 and last >= 0:
-        return turns, []
-    return turns[:last + 1], turns[last + 1:]
+    """(conversation so far, new turns), the system and developer prompts left out of both."""
+    start = new_turn_start(messages)
+    return _turns(messages[:start]), _turns(messages[start:])
 
 
 def render_new_turns(turns, names_by_id):
+    """The new turns as the query: a lone user message as itself, anything else as tagged blocks."""
     if len(turns) == 1 and turns[0].get("role") == "user" and not turns[0].get("name"):
         return content_text(turns[0].get("content"))
     return "\n".join(render_turn(m, names_by_id) for m in turns)
 
 
-def folded_blocks(messages, *, include_system=True):
+def folded_blocks(messages):
     """Mode 1's query as its blocks, each with what it holds: (label, text). The labels let an error
     about the query's size say what made it long."""
     names = tool_names(messages)
     history, new = split_turns(messages)
     blocks = []
-    system = system_prompt(messages) if include_system else ""
+    system = system_prompt(messages)
     if system:
         blocks.append(("the system prompt", f"<system>\n{system}\n</system>"))
     if history:
@@ -112,9 +122,9 @@ def folded_blocks(messages, *, include_system=True):
     return blocks
 
 
-def fold_query(messages, *, include_system=True):
+def fold_query(messages):
     """Mode 1: the whole transcript as one Dify query."""
-    return "\n\n".join(text for _, text in folded_blocks(messages, include_system=include_system))
+    return "\n\n".join(text for _, text in folded_blocks(messages))
 
 
 @dataclass(frozen=True)
@@ -142,19 +152,21 @@ class Plan:
 
     def fresh(self):
         """The plan for a fresh conversation from the whole visible chat."""
-        return Plan("", self.fresh_query, self.fresh_query)
+        return fresh_plan(self.fresh_query)
+
+
+def fresh_plan(folded):
+    """The plan for a fresh Dify conversation, asked the whole chat folded into one query."""
+    return Plan("", folded, folded)
 
 
 def _call_summary(call):
-    function = call.get("function") if isinstance(call, dict) else None
-    if not isinstance(function, dict):
-        return ["", ""]
-    arguments = function.get("arguments")
+    function = call["function"]
     try:
-        arguments = json.dumps(json.loads(arguments), sort_keys=True, ensure_ascii=False)
-    except (TypeError, ValueError):
-        arguments = " ".join(str(arguments or "").split())
-    return [function.get("name") or "", arguments]
+        arguments = json.dumps(json.loads(function["arguments"]), sort_keys=True, ensure_ascii=False)
+    except ValueError:
+        arguments = " ".join(function["arguments"].split())
+    return [function["name"], arguments]
 
 
 def transcript_digest(messages):
@@ -163,7 +175,7 @@ def transcript_digest(messages):
     digest = hashlib.sha256()
     for message in messages:
         text = " ".join(marks.strip_marks(content_text(message.get("content"))).split())
-        calls = [_call_summary(call) for call in message.get("tool_calls") or ()]
+        calls = [_call_summary(call) for call in message.get("tool_calls", ())]
         entry = [message.get("role"), text, calls]
         digest.update(json.dumps(entry, ensure_ascii=False).encode())
         digest.update(b"\n")
@@ -205,13 +217,13 @@ def plan_conversation(messages, binding, explicit_id=""):
         return Plan(checked_conversation_id(explicit_id), render_new_turns(new, names) or fresh, fresh, True)
     index = _newest_marked_reply(messages)
     if index is None:
-        return Plan("", fresh, fresh)
+        return fresh_plan(fresh)
     reply = content_text(messages[index].get("content"), placeholders=False)
     found = marks.find_mark(reply, secret=binding.secret, app_id=binding.app_id,
                             client_id=_mark_client(binding, messages[:index + 1]))
-    new = [m for m in messages[index + 1:] if m.get("role") not in SYSTEM_ROLES]
+    new = _turns(messages[index + 1:])
     if found is None or not new:
-        return Plan("", fresh, fresh)
+        return fresh_plan(fresh)
     return Plan(found.conversation_id, render_new_turns(new, names), fresh, sits_on=found.message,
                 tools_seen=found.tools)
 

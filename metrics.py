@@ -72,8 +72,6 @@ class Metrics:
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 
-# --- set-up -----------------------------------------------------------------------------------
-
 def shared_directory():
     """Before forking workers: the directory their values go to. PROMETHEUS_MULTIPROC_DIR when the
     operator set it (emptied: values of an earlier run must not be added in), else a new temporary
@@ -108,11 +106,6 @@ def enable():
     return _metrics
 
 
-def disable():
-    global _metrics
-    _metrics = None
-
-
 def _alive(pid):
     try:
         os.kill(pid, 0)
@@ -131,8 +124,6 @@ def authorized(header, key):
 def exposition():
     return _metrics.exposition()
 
-
-# --- recording: one call from each place that knows the figure --------------------------------
 
 def request_done(model, endpoint, status, seconds, tokens):
     """From the access log line: one finished request."""

@@ -11,7 +11,7 @@ that is safe (`json_reply`): code fences and prose around the JSON are dropped, 
 import json
 import re
 
-import tools
+import lenient_json
 
 from errors import bad_request
 
@@ -64,7 +64,7 @@ def json_reply(text):
     if starts:
         candidates.append(stripped[min(starts):])
     for candidate in candidates:
-        value = tools.lenient_json(candidate)
+        value = lenient_json.leading_value(candidate)
         if value is not None:
             return json.dumps(value, ensure_ascii=False)
     return text

@@ -16,7 +16,7 @@ from collections import deque
 
 from tornado.ioloop import IOLoop
 
-from events import CONTENT, REASONING
+from pieces import CONTENT, REASONING
 
 log = logging.getLogger("opendify.pacing")
 

@@ -11,7 +11,7 @@ from apps import AppRegistry
 from conversations import ConversationCheck
 from dify_client import DifyClient
 from identity import ClientKeys
-from lifecycle import InFlight
+from in_flight import InFlight
 from pacing import FrameClock
 from streaming import KeepAlive
 from uploads import Uploads

@@ -4,7 +4,7 @@ Thin like the chat handlers, whose auth, CORS, body limit, error bodies, flow (b
 background-task routing, client-gone handling) they inherit. The run is the chat path's
 Completion (without conversation marks: a response id carries the conversation instead,
 see responses_ids.py); only parsing and encoding are the Responses API's own
-(responses_api.py).
+(responses_request.py, responses_output.py).
 """
 
 import time
@@ -15,13 +15,13 @@ from tornado.web import stream_request_body
 from apps import CHAT_FAMILY
 from completions import Answer
 from dify_client import DifyError, StreamFailure
+from dify_events import translator_for
 from errors import APIError, bad_request, from_dify, upstream_unreachable
-from events import translator_for
 from handlers import BaseHandler, ChatCompletionsHandler
 from identity import dify_user
-from responses_api import (ResponseEventEncoder, answer_output, ending, parse_responses_request, response_echo,
-                           response_object)
 from responses_ids import make_response_id, read_response_id
+from responses_output import ResponseEventEncoder, answer_output, ending, response_object
+from responses_request import parse_responses_request, response_echo
 from usage import usage_figures
 
 HISTORY_PAGE = 100  # the most messages one Dify GET /messages returns: how far back GET /v1/responses/{id} reaches

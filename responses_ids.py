@@ -11,6 +11,9 @@ tag and never reaches Dify.
 An all-zero conversation means the app keeps no conversation (completion and workflow apps).
 The ids are not secret from their own client (it sees its Dify conversation id in the
 `X-Dify-Conversation-Id` header anyway), only unforgeable.
+
+Call ids carry state too: the id of a function call the client sees names the function after
+`__` (`named_call_id`), so a later `function_call_output` can say which tool it answers.
 """
 
 import base64
@@ -18,6 +21,7 @@ import binascii
 import functools
 import hashlib
 import hmac
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -27,6 +31,7 @@ _TAG_BYTES = 12
 _FIXED = len(_VERSION) + 32
 _NO_CONVERSATION = bytes(16)
 _MAX_ID_LENGTH = 600
+_NAMED_CALL_ID = re.compile(r"call_[A-Za-z0-9]{1,40}__([A-Za-z0-9_.:-]{1,64})\Z")
 
 
 @dataclass(frozen=True)
@@ -90,3 +95,17 @@ def read_response_id(secret, app_id, client, response_id):
         return None
     return ResponseRef("" if conversation == _NO_CONVERSATION else str(uuid.UUID(bytes=conversation)),
                        str(uuid.UUID(bytes=payload[17:33])), user)
+
+
+def named_call_id(call_id, name):
+    """The call id a client sees: the proxy's own, with the function's name after `__`. A later
+    `function_call_output` names only the call id; with `previous_response_id` its call is not in the
+    request, and the name read back from the id lets the result say which tool it answers."""
+    named = f"{call_id}__{name}"
+    return named if _NAMED_CALL_ID.match(named) else call_id
+
+
+def named_call_name(call_id):
+    """The function name a `named_call_id` carries, or None for any other call id."""
+    found = _NAMED_CALL_ID.match(call_id)
+    return found.group(1) if found else None

@@ -19,8 +19,8 @@ from tornado.iostream import StreamClosedError
 
 import metrics
 from errors import APIError, generic
-from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
-from openai_api import ChunkEncoder
+from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
+from openai_output import ChunkEncoder
 
 log = logging.getLogger("opendify.streaming")
 
@@ -70,10 +70,12 @@ class EventStreamResponse:
     flush result (and from the handler's on_connection_close), which cancels the Dify run.
     """
 
-    def __init__(self, handler, completion, encoder=None):
+    def __init__(self, handler, completion, encoder):
+        """`encoder` writes the protocol's events: openai_output.ChunkEncoder or TextChunkEncoder, or
+        responses_output.ResponseEventEncoder."""
         self.handler = handler
         self.completion = completion
-        self.encoder = encoder or ChunkEncoder(handler.completion_id, completion.request.model)
+        self.encoder = encoder
         self.committed = False
         self.sent_text = False
         self.timed = False  # whether the time to first token was recorded

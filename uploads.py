@@ -19,6 +19,7 @@ from attachment_policy import Limits, Policy, describe_file, file_error, megabyt
 from attachments import attachment_parts, read_parts
 from dify_client import DifyError, StreamFailure
 from errors import dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from memory import new_turn_start
 from url_guard import URLGuard
 
 log = logging.getLogger("opendify.uploads")
@@ -72,22 +73,24 @@ class Uploads:
     """Turns the new turn's attachments into Dify file objects, uploading concurrently and only once per
     content, app and Dify user (an identical upload already under way is shared, not repeated)."""
 
-    def __init__(self, dify, limits=Limits(), cache=None, guard=None):
+    def __init__(self, dify, limits, cache, guard):
         self.dify = dify
         self.limits = limits
-        self.cache = cache if cache is not None else UploadCache()
-        self.guard = guard if guard is not None else URLGuard()
+        self.cache = cache
+        self.guard = guard
         self._pending = {}
 
     @classmethod
     def from_settings(cls, dify, settings):
+        """Uploads with the limits, cache size and URL rule the settings give (MAX_*, UPLOAD_CACHE_*,
+        ALLOW_PRIVATE_URLS)."""
         return cls(dify, Limits.from_settings(settings),
                    UploadCache(settings.upload_cache_size, settings.upload_cache_ttl),
                    URLGuard(settings.allow_private_urls))
 
     async def attach(self, app, messages, user, model):
         """Dify `files` for the request; any bad attachment raises before anything is uploaded."""
-        parts = attachment_parts(messages)
+        parts = attachment_parts(messages, new_turn_start(messages))
         if not parts:
             return []
         policy = Policy(self.limits, app)

@@ -87,6 +87,7 @@ class URLGuard:
 
 
 def refused(where, why, setting=False):
+    """The 400 for an image URL at `where`; `setting`: whether ALLOW_PRIVATE_URLS=on would let it through."""
     hint = (" Dify would fetch it from inside its own network. Send the image itself (a base64 data: URL)"
             + (", or have the operator set ALLOW_PRIVATE_URLS=on if such URLs are meant to work." if setting else "."))
     return APIError(400, f"The image URL in {where} {why}.{hint}", code="url_not_allowed", param=where)

@@ -58,3 +58,14 @@ def open_raw_stream(port, path, body, until, timeout=10):
         assert chunk, received
         received += chunk
     return conn
+
+
+def merged(pieces):
+    """Adjacent pieces of one kind joined, so different chunkings compare equal."""
+    out = []
+    for kind, text in pieces:
+        if out and out[-1][0] == kind:
+            out[-1] = (kind, out[-1][1] + text)
+        else:
+            out.append((kind, text))
+    return out

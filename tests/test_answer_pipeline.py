@@ -4,10 +4,11 @@ the server; the server tests (test_tool_loop, test_mode2, test_modes) cover the 
 
 import pytest
 
-import tools
 from answer_pipeline import AnswerPipeline, ReplyMark
+from dify_events import translator_for
 from errors import APIError
-from events import CONTENT, MARK, REASONING, TOOL_CALL, translator_for
+from pieces import CONTENT, MARK, REASONING, TOOL_CALL
+from tool_request import tool_request
 
 CONVERSATION = "1b6e6a49-5d4c-4b7a-9d57-1f0c0a0c2e11"
 WRITE = {"type": "function", "function": {"name": "write", "parameters": {
@@ -48,7 +49,7 @@ def test_an_error_after_text_in_one_batch_comes_after_that_text():
 
 
 def test_tool_calls_come_out_as_calls_never_as_text_and_end_the_answer_in_calls():
-    answer = pipeline(tool_request=tools.tool_request({"tools": [WRITE]}))
+    answer = pipeline(tool_request=tool_request({"tools": [WRITE]}))
     pieces = answer.feed([text("Writing.\n<tool_call>\n"), text('{"name": "write", "arguments": {"text": "hi"}}\n')])
     pieces += answer.feed([text("</tool_call>"), END])
     calls = [value for kind, value in pieces if kind is TOOL_CALL]
@@ -58,7 +59,7 @@ def test_tool_calls_come_out_as_calls_never_as_text_and_end_the_answer_in_calls(
 
 
 def test_a_legacy_functions_request_gets_its_call_flagged_legacy():
-    answer = pipeline(tool_request=tools.tool_request({"functions": [WRITE["function"]]}))
+    answer = pipeline(tool_request=tool_request({"functions": [WRITE["function"]]}))
     pieces = answer.feed([text('<tool_call>\n{"name": "write", "arguments": {}}\n</tool_call>'), END])
     assert [value["legacy"] for kind, value in pieces if kind is TOOL_CALL] == [True]
 
@@ -103,7 +104,7 @@ def test_the_mark_binds_the_reply_as_the_client_shows_a_replace_and_the_calls_ma
     answer, seen = marked(streamed=False)
     answer.feed([text("Draft"), {"event": "message_replace", "answer": "Moderated."}, END])
     assert seen[-1][0] == "Moderated."
-    answer = AnswerPipeline(translator_for("chat", "Bot"), tools.tool_request({"tools": [WRITE]}),
+    answer = AnswerPipeline(translator_for("chat", "Bot"), tool_request({"tools": [WRITE]}),
                             reply_mark=ReplyMark(lambda reply, calls: seen.append((reply, calls)) or "[m]", True))
     answer.feed([text('<tool_call>\n{"name": "write", "arguments": {}}\n</tool_call>'), END])
     assert [call["name"] for call in seen[-1][1]] == ["write"]

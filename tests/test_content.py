@@ -2,6 +2,7 @@
 
 import tasks
 from content import content_text, part_text
+from responses_request import call_output, message_item
 
 IMAGE = {"type": "image_url", "image_url": {"url": "https://example.com/pics/cat.jpg"}}
 PARTS = [{"type": "text", "text": "Look:"}, IMAGE, {"type": "text", "text": ""},
@@ -30,3 +31,13 @@ def test_strings_and_null():
 def test_a_local_title_is_made_of_written_words_not_placeholders():
     messages = [{"role": "user", "content": [IMAGE, {"type": "text", "text": "Plan a trip to Lisbon"}]}]
     assert tasks.local_answer("plain_title", messages) == "Plan a trip to Lisbon"
+
+
+def test_responses_input_text_follows_the_same_rule():
+    """A Responses assistant item or tool output becomes chat text by the same rule (empty parts left
+    out, as when the same parts come through the chat API)."""
+    parts = [{"type": "output_text", "text": "a"}, {"type": "output_text", "text": ""},
+             {"type": "output_text", "text": "b"}]
+    assert message_item("input[0]", {"role": "assistant", "content": parts})["content"] == "a\nb"
+    output = call_output("input[1]", {"type": "function_call_output", "call_id": "call_1", "output": parts})
+    assert output["content"] == "a\nb" == content_text(parts)

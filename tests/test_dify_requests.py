@@ -3,11 +3,13 @@ the client's tools and the output format go, checked without a server."""
 
 import pytest
 
-import tools
+import tool_prompt
 from apps import App
-from dify_requests import app_inputs, dify_query, dify_request, fits, message_variable, offered_tools, text_parts
+from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tools, message_variable, offered_tools,
+                           text_parts)
 from errors import APIError
 from memory import Binding, Plan, tools_fingerprint
+from tool_request import tool_request
 
 FORM = {"user_input_form": [{"select": {"variable": "tone", "options": ["dry", "warm"]}},
                             {"paragraph": {"variable": "text", "max_length": 40}},
@@ -47,16 +49,24 @@ def test_the_query_is_the_plan_then_the_tools_then_the_output_format():
     assert dify_query("hi", "", "") == "hi"
 
 
+def test_a_completion_or_workflow_app_keeps_only_a_forced_call_and_the_policy_rules_all():
+    offered = tool_request({"tools": [WEATHER]})
+    forced = tool_request({"tools": [WEATHER], "tool_choice": "required"})
+    assert kept_tools(offered, "all", "agent-chat") is offered
+    assert kept_tools(offered, "all", "workflow") is None and kept_tools(forced, "all", "completion") is forced
+    assert kept_tools(offered, "forced", "chat") is None and kept_tools(forced, "off", "chat") is None
+
+
 def test_a_conversation_that_has_the_catalogue_gets_only_the_turns_rule():
-    request = tools.tool_request({"tools": [WEATHER], "tool_choice": "required"})
-    seen = tools_fingerprint(tools.catalogue(request), BINDING)
+    request = tool_request({"tools": [WEATHER], "tool_choice": "required"})
+    seen = tools_fingerprint(tool_prompt.catalogue(request), BINDING)
     fresh_seen, fresh_text = offered_tools(request, Plan("", "q", "q"), BINDING)
     known_seen, known_text = offered_tools(request, Plan("c-1", "q", "q", tools_seen=seen), BINDING)
     assert fresh_seen == known_seen == seen
-    assert tools.catalogue(request) in fresh_text and tools.catalogue(request) not in known_text
-    assert known_text == tools.turn_rule(request)
+    assert tool_prompt.catalogue(request) in fresh_text and tool_prompt.catalogue(request) not in known_text
+    assert known_text == tool_prompt.turn_rule(request)
     other_seen, other_text = offered_tools(request, Plan("c-1", "q", "q", tools_seen=b"older"), BINDING)
-    assert other_seen == seen and tools.catalogue(request) in other_text
+    assert other_seen == seen and tool_prompt.catalogue(request) in other_text
 
 
 def test_without_tools_a_continued_conversation_keeps_the_catalogue_it_had():

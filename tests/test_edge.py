@@ -57,6 +57,13 @@ ODD_HISTORIES = [
     ([{"role": "user", "content": [{"type": "text", "text": 5}]}], "messages[0].content[0].text"),
     ([{"role": "user", "content": [{"type": 3}]}], "messages[0].content[0].type"),
     ([{"role": "user", "content": 5}], "messages[0].content"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": None}]}], "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": 5}}]}, assistant_with(content="ok"),
+      user()], "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "file", "file": "x.pdf"}]}, assistant_with(content="ok"), user()],
+     "messages[0].content[0]"),
+    ([{"role": "user", "content": [{"type": "input_audio", "input_audio": 5}]}, assistant_with(content="ok"), user()],
+     "messages[0].content[0]"),
 ]
 
 
@@ -86,6 +93,19 @@ def test_clear_intent_is_read_tolerantly(harness):
     query = sent["query"]
     assert "Be terse." in query and "Weather?" in query and "And tomorrow?" in query
     assert '"name": "get_weather"' in query and '"city": "Paris"' in query and "sunny" in query
+
+
+def test_an_image_url_given_as_a_bare_string_is_read_as_a_url(harness):
+    """Some clients send `image_url: "<url>"`: the edge reads it as {"url": ...}, in the new turn and in history."""
+    picture = {"type": "image_url", "image_url": "https://example.com/pics/cat.png"}
+    messages = [{"role": "user", "content": [{"type": "text", "text": "And this?"}, picture]}]
+    harness.client().chat.completions.create(model=CHAT, messages=messages)
+    assert harness.chat_bodies()[-1]["files"] == [{"type": "image", "transfer_method": "remote_url",
+                                                   "url": "https://example.com/pics/cat.png"}]
+    history = messages + [{"role": "assistant", "content": "A cat."}, user("thanks")]
+    harness.client().chat.completions.create(model=CHAT, messages=history)
+    sent = harness.chat_bodies()[-1]
+    assert "[image: cat.png]" in sent["query"] and "files" not in sent
 
 
 # --- 14: odd strings and deep nesting ------------------------------------------------------------

@@ -18,17 +18,18 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import tools
+from attachment_support import png
 from apps import App
 from completions import Completion
 from config import settings_from
 from conversations import ConversationCheck
-from events import AnswerTranslator
+from dify_events import AnswerTranslator
 from fake_dify import Drop, End, ErrorEvent, Event, Hang, HttpError, Ping, Raw, Sleep, Start, Text
 from memory import Binding
 from openai_api import parse_chat_request
 from support import CLIENT_KEY, sse_comments, sse_events, wait_for
-from test_files import png
+from tool_calls import ToolCallParser
+from tool_request import tool_request
 
 CHAT = "Chat Bot"
 FLOW = "Flow Bot"
@@ -125,12 +126,10 @@ def test_an_error_event_with_any_status_ends_the_stream_with_an_error_and_stops_
 
 
 def test_an_unexpected_failure_after_the_stream_started_ends_it_with_an_error(harness, monkeypatch):
-    import events as events_module
-
     def broken(self, event):
         raise RuntimeError("a defect in the proxy")
 
-    monkeypatch.setitem(events_module.AnswerTranslator._HANDLERS, "message_end", broken)
+    monkeypatch.setattr(AnswerTranslator, "on_message_end", broken)
     harness.dify.script(harness.key_of(CHAT), Text("partial"), Sleep(0.05), End(), Hang())
     status, _, body = harness.raw("POST", "/v1/chat/completions", chat_body())
     events = sse_events(body)
@@ -342,9 +341,9 @@ def test_a_50000_event_burst_is_translated_a_slice_at_a_time_so_the_loop_stays_f
 
 
 def parse_answer(pieces):
-    request = tools.tool_request({"tools": [{"type": "function", "function": {
+    request = tool_request({"tools": [{"type": "function", "function": {
         "name": "write", "parameters": {"type": "object", "properties": {"text": {"type": "string"}}}}}]})
-    parser = tools.ToolCallParser(request)
+    parser = ToolCallParser(request)
     started = time.process_time()
     out = []
     for piece in pieces:

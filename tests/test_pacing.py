@@ -7,7 +7,7 @@ import statistics
 import pytest
 
 from config import ConfigError, settings_from
-from events import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
+from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from pacing import FrameClock, Pacer
 from support import WORDS
 

@@ -610,7 +610,8 @@ def test_an_unknown_route_names_the_responses_api(harness):
 
 
 def test_call_ids_carry_the_function_name_only_in_a_safe_form():
-    from responses_api import named_call_id, parse_responses_request
+    from responses_ids import named_call_id
+    from responses_request import parse_responses_request
     assert named_call_id("call_abc123", "get_weather") == "call_abc123__get_weather"
     assert named_call_id("call_abc123", 'x" onload="y') == "call_abc123", "names outside the spec's alphabet"
     assert named_call_id("call_abc123", "n" * 65) == "call_abc123"
