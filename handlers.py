@@ -18,9 +18,9 @@ from errors import APIError, generic, unauthorized
 from identity import bearer_token, dify_user
 from in_flight import shutting_down
 from memory import Binding
-from openai_api import (ChunkEncoder, TextChunkEncoder, chat_choice, completion_body, json_bytes, model_object,
-                        new_completion_id, new_text_completion_id, parse_chat_request, parse_text_completion_request,
-                        text_choice)
+from openai_api import parse_chat_request, parse_text_completion_request
+from openai_output import (ChunkEncoder, TextChunkEncoder, chat_choice, completion_body, json_bytes, model_object,
+                           new_completion_id, new_text_completion_id, text_choice)
 from request_body import BoundedBody
 from streaming import EventStreamResponse
 from tasks import local_answer, task_kind

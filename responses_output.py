@@ -10,7 +10,7 @@ import json
 import time
 import uuid
 
-from openai_api import ChunkEncoder, json_string
+from openai_output import ChunkEncoder, json_string
 from responses_ids import named_call_id
 
 

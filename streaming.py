@@ -20,7 +20,7 @@ from tornado.iostream import StreamClosedError
 import metrics
 from errors import APIError, generic
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
-from openai_api import ChunkEncoder
+from openai_output import ChunkEncoder
 
 log = logging.getLogger("opendify.streaming")
 
@@ -71,7 +71,7 @@ class EventStreamResponse:
     """
 
     def __init__(self, handler, completion, encoder):
-        """`encoder` writes the protocol's events: openai_api.ChunkEncoder or TextChunkEncoder, or
+        """`encoder` writes the protocol's events: openai_output.ChunkEncoder or TextChunkEncoder, or
         responses_output.ResponseEventEncoder."""
         self.handler = handler
         self.completion = completion

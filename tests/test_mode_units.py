@@ -7,7 +7,8 @@ import pytest
 
 from errors import APIError
 from inputs import check_inputs, form_variables, text_variable
-from openai_api import TextChunkEncoder, completion_body, parse_text_completion_request, text_choice
+from openai_api import parse_text_completion_request
+from openai_output import TextChunkEncoder, completion_body, text_choice
 
 # --- app inputs ----------------------------------------------------------------------------
 

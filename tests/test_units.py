@@ -11,7 +11,8 @@ from content import content_text
 from dify_events import AnswerTranslator
 from errors import APIError, from_dify
 from identity import client_id, dify_user
-from openai_api import ChunkEncoder, parse_body, parse_chat_request
+from openai_api import parse_body, parse_chat_request
+from openai_output import ChunkEncoder
 from pieces import CONTENT, REPLACE
 
 BASE_ENV = {"DIFY_API_KEYS": "app-a, app-b", "DIFY_API_BASE": "https://dify.example/v1/", "VALID_API_KEYS": "k1"}
