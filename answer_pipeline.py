@@ -1,10 +1,10 @@
 """The answer pipeline: one run's Dify events turned into the answer's pieces.
 
-Pieces are (kind, value) pairs of events.py's kinds (CONTENT, REASONING, REPLACE, TOOL_CALL,
+Pieces are (kind, value) pairs of pieces.py's kinds (CONTENT, REASONING, REPLACE, TOOL_CALL,
 MARK). Every batch of events passes the same stages, in this order, each pieces in and
 pieces out; a stage the request does not need is left out:
 
-    translator   Dify's events -> pieces (events.py: agent work, thinking, files, usage)
+    translator   Dify's events -> pieces (dify_events.py: agent work, thinking, files, usage)
     tool calls   calls to the client's tools written in the text -> TOOL_CALL pieces
     JSON hold    a reply asked for as JSON, held whole and repaired once complete
     reply mark   mode 2: the reply ends with its Dify conversation's mark

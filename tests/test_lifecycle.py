@@ -87,6 +87,27 @@ def test_started_under_ulimit_1024_the_proxy_holds_600_streams(dify, proxies):
     assert "Too many open files" not in proxy.output()
 
 
+def resident_mb(pid):
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:")) / 1024
+
+
+def test_a_high_connection_limit_costs_no_memory_until_it_is_used(dify, proxies):
+    """libcurl handles are made as streams need them: a proxy allowed 20,000 connections to Dify, having
+    served a stream, holds about what one allowed 10 holds (Tornado made every handle up front: +120 MB)."""
+    rss = {}
+    for limit in (10, 20000):
+        proxy = proxies(dify, env={"DIFY_MAX_CONNECTIONS": str(limit)}).wait_ready()
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as conn:
+            conn.sendall(chat_request(CHAT, "hello"))
+            received = b""
+            while b"[DONE]" not in received:
+                received += conn.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200") and b'"finish_reason":"stop"' in received
+        rss[limit] = resident_mb(proxy.pid)
+    assert rss[20000] - rss[10] < 20, rss
+
+
 def test_a_hard_limit_too_low_is_one_warning_with_the_fix(dify, proxies):
     proxy = proxies(dify, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (512, 1024))).wait_ready()
     warnings = [line for line in proxy.output().splitlines() if " WARNING " in line]
