@@ -1,6 +1,6 @@
 """The answer pipeline (answer_pipeline.py): Dify events in, answer pieces out, through the translator,
 the tool-call parser, the JSON hold and mode 2's reply mark. Edge cases are cheaper here than through
-the server; the server tests (test_tool_loop, test_mode2, test_modes) cover the same path end to end."""
+the server; the server tests (test_tool_loop, test_memory_mode2, test_app_modes) cover the same path end to end."""
 
 import pytest
 

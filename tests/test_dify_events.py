@@ -189,3 +189,20 @@ def test_bad_presentation_settings_name_the_setting(name):
     with pytest.raises(ConfigError) as caught:
         settings_from({**BASE_ENV, name: "loud"})
     assert str(caught.value).startswith(name)
+
+
+def test_translator_text_replace_usage():
+    translator = AnswerTranslator("chat", "m")
+    assert translator.feed({"event": "message", "answer": "Hi", "task_id": "t"}) == ((CONTENT, "Hi"),)
+    assert translator.feed({"event": "message_file", "answer": " there"}) == ((CONTENT, " there"),)
+    assert translator.feed({"event": "message_replace", "answer": "Blocked"}) == ((REPLACE, "Blocked"),)
+    translator.feed({"event": "message_end", "conversation_id": "c", "metadata": {"usage": {"prompt_tokens": 1}}})
+    assert translator.done and translator.usage == {"prompt_tokens": 1}
+    assert translator.finish_reason() == "content_filter"
+
+
+def test_translator_error_event_raises_openai_error():
+    translator = AnswerTranslator("chat", "m")
+    with pytest.raises(APIError) as caught:
+        translator.feed({"event": "error", "status": 400, "code": "completion_request_error", "message": "boom"})
+    assert "boom" in caught.value.message

@@ -1,16 +1,9 @@
-"""Direct tests of the pure pieces behind the app modes that are not the answer's translation
-(test_dify_events.py): the input-form checks and the legacy text-completion shapes."""
-
-import json
+"""inputs.py: an app's input form applied to a request's `inputs`."""
 
 import pytest
 
 from errors import APIError
 from inputs import check_inputs, form_variables, text_variable
-from openai_api import parse_text_completion_request
-from openai_output import TextChunkEncoder, completion_body, text_choice
-
-# --- app inputs ----------------------------------------------------------------------------
 
 FORM = {"user_input_form": [
     {"text-input": {"label": "City", "variable": "city", "required": True, "max_length": 10, "default": ""}},
@@ -71,37 +64,3 @@ def test_text_variable_choice():
     assert text_variable(variables, {"city": "a", "notes": "b"}) is None
     assert text_variable(form_variables({"user_input_form": []}), {}) is None
     assert text_variable(None, {}) == "query" and text_variable(None, {}, preferred="text") == "text"
-
-
-# --- legacy text completions ---------------------------------------------------------------
-
-def test_text_completion_request_accepts_legacy_fields():
-    request = parse_text_completion_request({"model": "m", "prompt": ["def add(a, b):"], "suffix": "\n",
-                                             "echo": False, "best_of": 1, "logprobs": 2, "max_tokens": 16,
-                                             "stream": True, "stream_options": {"include_usage": True}})
-    assert request.messages == [{"role": "user", "content": "def add(a, b):"}]
-    assert request.stream and request.include_usage
-
-
-@pytest.mark.parametrize("prompt", [None, "", "  ", ["a", "b"], [1, 2, 3], [[1, 2]], 5])
-def test_unusable_prompts_are_400(prompt):
-    with pytest.raises(APIError) as caught:
-        parse_text_completion_request({"model": "m", "prompt": prompt})
-    assert caught.value.status_code == 400 and caught.value.param == "prompt"
-
-
-def test_text_completion_shapes():
-    body = completion_body("cmpl-1", 7, "m", text_choice("Hi", "tool_calls"), {"prompt_tokens": 1, "completion_tokens": 2},
-                           kind="text_completion")
-    assert body == {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
-                    "choices": [{"text": "Hi", "index": 0, "logprobs": None, "finish_reason": "stop"}],
-                    "usage": {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}}
-    encoder = TextChunkEncoder("cmpl-1", "m", created=7)
-    assert encoder.role() == b"" and encoder.reasoning("x") == b"" and encoder.tool_call(0, "i", "n", "{}") == b""
-    chunk = json.loads(encoder.content("Hé")[6:])
-    assert chunk == {"id": "cmpl-1", "object": "text_completion", "created": 7, "model": "m",
-                     "choices": [{"text": "Hé", "index": 0, "logprobs": None, "finish_reason": None}]}
-    assert json.loads(encoder.finish("length")[6:])["choices"][0] == {"text": "", "index": 0, "logprobs": None,
-                                                                      "finish_reason": "length"}
-    usage = json.loads(encoder.usage({"prompt_tokens": 1, "completion_tokens": 1})[6:])
-    assert usage["object"] == "text_completion" and usage["choices"] == [] and usage["usage"]["total_tokens"] == 2
