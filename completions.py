@@ -25,7 +25,6 @@ from errors import bad_request, from_dify, from_dify_failure, upstream_broken
 from output_format import format_instructions, wants_json
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from tool_calls import openai_tool_call
-from tool_request import ToolRequestError, tool_request
 from usage import usage_figures
 
 log = logging.getLogger("opendify.completions")
@@ -98,13 +97,9 @@ class Completion:
         # `marks=False`: the protocol keeps the conversation elsewhere (the Responses API's response ids).
         self.reads_marks = marks and task is None and self.conversational and settings.conversation_memory_mode == 2
         self.plan = None
-        try:
-            requested = tool_request(request.body)
-        except ToolRequestError as error:
-            raise bad_request(str(error), param=error.param, code="invalid_tools")
         # A background task is answered in text, whatever tools came with it.
         self.tool_request = None if task is not None else kept_tools(
-            requested, settings.client_tools_for(request.model), app.mode)
+            request.tools, settings.client_tools_for(request.model), app.mode)
         self.pipeline = self._answer_pipeline()
         self._tools_seen = None
         self._tool_text = ""

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from attachments import ATTACHMENT_PARTS
 from content import TEXT_PARTS
 from errors import bad_request
+from tool_request import ToolRequestError, tool_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
@@ -35,6 +36,7 @@ class ChatRequest:
     inputs: dict = field(default_factory=dict)
     conversation_id: str = ""
     body: dict = field(default_factory=dict, repr=False)
+    tools: object = None  # the tools the client offers (a tool_request.ToolRequest), or None
 
 
 # Deeper than any real request (tool schemas included); deeper bodies would exhaust the recursion of
@@ -245,6 +247,10 @@ def parse_chat_request(body):
                  if isinstance(body.get(k), str) and body[k]), "")
     inputs = body.get("inputs")
     conversation_id = body.get("conversation_id")
+    try:
+        tools = tool_request(body)
+    except ToolRequestError as error:
+        raise bad_request(str(error), param=error.param, code="invalid_tools")
     return ChatRequest(
         model=model,
         messages=messages,
@@ -254,6 +260,7 @@ def parse_chat_request(body):
         inputs=inputs if isinstance(inputs, dict) else {},
         conversation_id=conversation_id if isinstance(conversation_id, str) else "",
         body={**body, "messages": messages},
+        tools=tools,
     )
 
 

@@ -95,6 +95,16 @@ def test_clear_intent_is_read_tolerantly(harness):
     assert '"name": "get_weather"' in query and '"city": "Paris"' in query and "sunny" in query
 
 
+@pytest.mark.parametrize("model", [CHAT, "no such model"])
+def test_ill_typed_tools_are_a_400_at_the_edge(harness, model):
+    """Tool definitions are checked with the rest of the request, before the model is looked up."""
+    tools = [{"type": "function", "function": {"name": "f", "parameters": []}}]
+    status, _, body = post(harness, {"model": model, "messages": [user()], "tools": tools})
+    assert status == 400 and body["error"]["code"] == "invalid_tools"
+    assert body["error"]["param"] == "tools[0].function.parameters"
+    assert not harness.dify.requests_to("/chat-messages")
+
+
 def test_an_image_url_given_as_a_bare_string_is_read_as_a_url(harness):
     """Some clients send `image_url: "<url>"`: the edge reads it as {"url": ...}, in the new turn and in history."""
     picture = {"type": "image_url", "image_url": "https://example.com/pics/cat.png"}
