@@ -11,7 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 import metrics
-from dify_client import DifyError, StreamFailure
+from dify_client import DifyError, DifyFailure, DifyTimeout, DifyTransportError, DifyUnreachable
 
 log = logging.getLogger("opendify.apps")
 
@@ -184,10 +184,10 @@ class AppRegistry:
         not be reached at all is added to `unreachable`)."""
         try:
             info = await self.dify.get(key, "/info", timeout=15)
-        except (DifyError, StreamFailure) as error:
+        except DifyFailure as error:
             log.error("Dify app %s: /info failed (%s); keeping its last known entry, if any, and retrying", key_id(key),
                       error)
-            if isinstance(error, StreamFailure) and error.kind in ("unreachable", "timeout"):
+            if isinstance(error, (DifyUnreachable, DifyTimeout)):
                 unreachable.append(error.detail)
             return None
         if not isinstance(info, dict):
@@ -207,7 +207,7 @@ class AppRegistry:
             if error.code == "app_unavailable":
                 answerable = False
                 log.warning("Dify app %r cannot answer (%s); not listing it", name, error.message)
-        except StreamFailure as error:
+        except DifyTransportError as error:
             log.warning("Dify app %r: /parameters failed (%s)", name, error)
         if not isinstance(parameters, dict):
             log.warning("Dify app %r: /parameters is not a JSON object; ignoring it", name)
@@ -238,7 +238,7 @@ class AppRegistry:
             except DifyError as workflow_error:
                 return "completion" if workflow_error.code == "not_workflow_app" else "workflow"
             return "workflow"
-        except StreamFailure:
+        except DifyTransportError:
             pass
         log.warning("could not probe the mode of Dify app %s; assuming chat", key_id(key))
         return "chat"

@@ -17,11 +17,11 @@ import metrics
 from answer_pipeline import AnswerPipeline, ReplyMark
 from apps import CHAT_FAMILY
 from content import content_text
-from dify_client import DifyError, StreamFailure
+from dify_client import DifyError, DifyFailure, DifyTransportError
 from dify_events import translator_for
 from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tools, message_variable, offered_tools,
                            text_parts)
-from errors import bad_request, dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from errors import bad_request, from_dify, from_dify_failure, upstream_broken
 from output_format import wants_json
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from tool_calls import openai_tool_call
@@ -176,9 +176,9 @@ class Completion:
         model = self.request.model
         try:
             latest = await self.dify.latest_message(self.app.key, plan.conversation_id, self.user)
-        except (DifyError, StreamFailure) as error:
+        except DifyFailure as error:
             log.warning("model %r: could not read the Dify conversation's newest message (%s); continuing it "
-                        "unchecked", model, getattr(error, "status", None) or getattr(error, "kind", ""))
+                        "unchecked", model, error.label)
             return plan
         if latest is None:
             return self._afresh(plan, "Dify no longer has this chat's conversation")
@@ -196,8 +196,8 @@ class Completion:
             return plan
         try:
             alive = await self.conversations.exists(self.app.key, self.user, plan.conversation_id)
-        except StreamFailure as failure:
-            raise self._failure_error(failure)
+        except DifyTransportError as failure:
+            raise self._reported(failure)
         if alive:
             return plan
         if plan.explicit:
@@ -277,9 +277,9 @@ class Completion:
         except DifyError as error:
             if await self._retry(error):
                 return await self.next_pieces()
-            raise self._dify_error(error)
-        except StreamFailure as failure:
-            raise self._failure_error(failure)
+            raise self._reported(error)
+        except DifyTransportError as failure:
+            raise self._reported(failure)
         if self._cancelled:
             return None
         if events is None:
@@ -363,37 +363,22 @@ class Completion:
         user's conversation list in Dify."""
         try:
             await self.dify.delete_conversation(self.app.key, conversation_id, self.user)
-        except (DifyError, StreamFailure) as error:
+        except DifyFailure as error:
             log.warning("model %r: deleting a background task's Dify conversation failed (%s)", self.request.model,
-                        getattr(error, "status", None) or getattr(error, "kind", ""))
+                        error.label)
 
     async def _stop(self, task_id):
         reason = "client left" if self._cancelled else "answer ended early"
         try:
             await self.dify.stop(self.app.key, _STOP_KINDS.get(self.app.mode, "chat"), task_id, self.user)
             log.info("%s: stopped the Dify task of model %r", reason, self.request.model)
-        except (DifyError, StreamFailure) as error:
+        except DifyFailure as error:
             log.warning("%s, and stopping the Dify task of model %r failed: %s", reason, self.request.model, error)
 
-    def _dify_error(self, error):
-        metrics.dify_error(f"http_{error.status}")
-        api = from_dify(error.status, error.code, error.message, self.request.model)
-        if error.retry_after and api.retry_after is None:
-            api.retry_after = error.retry_after
-        return api
-
-    def _failure_error(self, failure):
-        metrics.dify_error(failure.kind)
-        model = self.request.model
-        if failure.kind == "unreachable":
-            return upstream_unreachable(model, failure.detail)
-        if failure.kind == "timeout":
-            return upstream_timeout(model, self.dify.idle_timeout)
-        if failure.kind == "busy":
-            return dify_busy(self.dify.max_connections, failure.detail)
-        if failure.kind == "malformed":
-            return upstream_broken(model, failure.detail)
-        return upstream_broken(model, "closed the connection before the answer was complete")
+    def _reported(self, failure):
+        """What the client sees of a Dify failure, counted by kind."""
+        metrics.dify_error(failure.label)
+        return from_dify_failure(failure, self.request.model)
 
 
 class LocalAnswer(Completion):

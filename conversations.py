@@ -44,8 +44,8 @@ class ConversationCheck:
 
     async def exists(self, key, user, conversation_id):
         """False only when Dify says the conversation is gone; any other failure to tell is logged and
-        treated as "exists", so a check that cannot be made never blocks the turn (StreamFailure, Dify
-        unreachable, still propagates: the turn could not run either)."""
+        treated as "exists", so a check that cannot be made never blocks the turn (a DifyTransportError,
+        Dify unreachable, still propagates: the turn could not run either)."""
         entry = (key, user, conversation_id)
         seen = self._known.get(entry)
         if seen is not None and time.monotonic() - seen < KNOWN_FOR:

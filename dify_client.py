@@ -30,7 +30,7 @@ from uuid import uuid4
 
 from tornado.concurrent import Future
 from tornado.httpclient import HTTPRequest
-from tornado.ioloop import IOLoop, PeriodicCallback
+from tornado.ioloop import PeriodicCallback
 from tornado.locks import Semaphore
 from tornado.simple_httpclient import SimpleAsyncHTTPClient
 from tornado.util import TimeoutError as SlotTimeout
@@ -63,7 +63,26 @@ STOP_PATHS = {
 }
 
 
-class DifyError(Exception):
+class DifyFailure(Exception):
+    """Dify gave no usable answer. What callers catch; each kind is its own class, httpx-style:
+
+    DifyFailure
+    ├── DifyError             Dify answered with its error envelope {code, message, status}
+    └── DifyTransportError    the exchange itself broke (`detail` says how)
+        ├── DifyUnreachable   no connection in time, a refused TLS certificate, or closed unanswered
+        ├── DifyTimeout       silent past the idle timeout, or no whole answer within a call's limit
+        ├── DifyBusy          every connection slot stayed taken (the proxy's own limit, not Dify's)
+        ├── DifyMalformed     answered with something that is not JSON or not an SSE event object
+        └── DifyDropped       closed the connection in the middle of its answer
+
+    errors.from_dify_failure is the one mapping of each to what an OpenAI client sees; `label`
+    names the kind in logs and in the opendify_dify_errors metric.
+    """
+
+    label = "failure"
+
+
+class DifyError(DifyFailure):
     """Dify answered with its error envelope {code, message, status}."""
 
     def __init__(self, status, code, message, retry_after=None):
@@ -73,15 +92,49 @@ class DifyError(Exception):
         self.message = message
         self.retry_after = retry_after
 
+    @property
+    def label(self):
+        return f"http_{self.status}"
 
-class StreamFailure(Exception):
-    """The exchange with Dify broke: kind is unreachable, dropped, timeout, malformed or busy
-    (every connection slot taken)."""
 
-    def __init__(self, kind, detail):
-        super().__init__(f"{kind}: {detail}")
-        self.kind = kind
+class DifyTransportError(DifyFailure):
+    """The exchange with Dify broke before a whole answer came; `detail` says how, in words."""
+
+    def __init__(self, detail):
+        super().__init__(f"{self.label}: {detail}")
         self.detail = detail
+
+
+class DifyUnreachable(DifyTransportError):
+    label = "unreachable"
+
+
+class DifyTimeout(DifyTransportError):
+    """Dify sent nothing for `seconds`, or gave no whole answer within a call's limit of `seconds`."""
+
+    label = "timeout"
+
+    def __init__(self, detail, seconds):
+        super().__init__(detail)
+        self.seconds = seconds
+
+
+class DifyBusy(DifyTransportError):
+    """All `limit` connection slots stayed in use: the request never went out."""
+
+    label = "busy"
+
+    def __init__(self, detail, limit):
+        super().__init__(detail)
+        self.limit = limit
+
+
+class DifyMalformed(DifyTransportError):
+    label = "malformed"
+
+
+class DifyDropped(DifyTransportError):
+    label = "dropped"
 
 
 def error_from_body(status, body):
@@ -96,16 +149,16 @@ def error_from_body(status, body):
     return DifyError(status, data.get("code") or f"http_{status}", str(message))
 
 
-def transport_failure(error, exchange):
-    """The StreamFailure for a fetch that ended without a whole response: "dropped" once Dify had
-    answered, "timeout" when a request's total limit passed on an open connection, "unreachable"
-    when no connection could be made in time or Dify closed it unanswered."""
+def transport_failure(error, exchange, seconds):
+    """The DifyTransportError for a fetch that ended without a whole response: dropped once Dify had
+    answered, a timeout when the request's limit of `seconds` passed on an open connection,
+    unreachable when no connection could be made in time or Dify closed it unanswered."""
     detail = str(error) or type(error).__name__
     if exchange.status is not None:
-        return StreamFailure("dropped", detail)
+        return DifyDropped(detail)
     if exchange.connected and pycurl is not None and getattr(error, "errno", None) == pycurl.E_OPERATION_TIMEDOUT:
-        return StreamFailure("timeout", detail)
-    return StreamFailure("unreachable", detail)
+        return DifyTimeout(detail, seconds)
+    return DifyUnreachable(detail)
 
 
 def ca_certificates(ca_file="", ca_dir=""):
@@ -133,7 +186,7 @@ class SSEDecoder:
         self._data_lines = []
 
     def feed(self, chunk, events):
-        """Appends the events completed by `chunk` to `events`; raises StreamFailure("malformed")."""
+        """Appends the events completed by `chunk` to `events`; raises DifyMalformed."""
         lines = chunk.split(b"\n")
         tail = lines.pop()
         partial = self._partial
@@ -169,9 +222,9 @@ class SSEDecoder:
         try:
             event = _loads(payload)
         except ValueError:
-            raise StreamFailure("malformed", "sent data that is not JSON")
+            raise DifyMalformed("sent data that is not JSON")
         if event.__class__ is not dict:
-            raise StreamFailure("malformed", "sent an event that is not a JSON object")
+            raise DifyMalformed("sent an event that is not a JSON object")
         if self.task_id is None:
             self.task_id = event.get("task_id")
         return event
@@ -232,11 +285,11 @@ class Lane:
         return self._http
 
     async def acquire(self):
-        """A slot, or StreamFailure("busy") once all were taken for longer than `wait`."""
+        """A slot, or DifyBusy once all were taken for longer than `wait`."""
         try:
             await self._slots.acquire(datetime.timedelta(seconds=self.wait))
         except SlotTimeout:
-            raise StreamFailure("busy", f"all {self.size} connections to Dify stayed in use for {self.wait:g} s")
+            raise DifyBusy(f"all {self.size} connections to Dify stayed in use for {self.wait:g} s", self.size)
 
     def release(self):
         self._slots.release()
@@ -366,7 +419,7 @@ class EventStream(Exchange):
         lane = self._client.streams
         try:
             await lane.acquire()
-        except StreamFailure as failure:
+        except DifyBusy as failure:
             self._end(failure)
             return
         try:
@@ -377,7 +430,7 @@ class EventStream(Exchange):
             self._fetch = lane.http.fetch(request, raise_error=False)
             response = await self._fetch
         except Exception as error:  # every way a fetch fails: libcurl's errors, the simple client's socket errors
-            self._end(None if self._aborted else transport_failure(error, self))
+            self._end(None if self._aborted else transport_failure(error, self, request.request_timeout))
             return
         finally:
             lane.release()
@@ -431,7 +484,7 @@ class EventStream(Exchange):
     def _on_chunk(self, chunk):
         if self._aborted:
             if pycurl is None:
-                raise StreamFailure("dropped", "closed by the proxy")  # how the simple client's fetch is ended
+                raise DifyDropped("closed by the proxy")  # how the simple client's fetch is ended
             return
         self.last_activity = time.monotonic()
         if self.status != 200:
@@ -442,7 +495,7 @@ class EventStream(Exchange):
         before = len(events)
         try:
             self._decoder.feed(chunk, events)
-        except StreamFailure as failure:
+        except DifyMalformed as failure:
             self.fail(failure)
             return
         if len(events) != before:
@@ -454,7 +507,7 @@ class EventStream(Exchange):
             return
         try:
             self._decoder.finish(self._events)
-        except StreamFailure as failure:
+        except DifyMalformed as failure:
             self._end(failure)
             return
         self._finished = True
@@ -582,8 +635,8 @@ class DifyClient:
         try:
             response = await lane.http.fetch(request, raise_error=False)
         except Exception as error:  # every way a fetch fails: libcurl's errors, the simple client's socket errors
-            failure = transport_failure(error, exchange)
-            if failure.kind == "timeout":
+            failure = transport_failure(error, exchange, request.request_timeout)
+            if isinstance(failure, DifyTimeout):
                 failure.detail = f"no complete answer to {path} within {request.request_timeout:g} s"
             raise failure
         finally:
@@ -598,7 +651,7 @@ class DifyClient:
         try:
             return json.loads(data)
         except ValueError:
-            raise StreamFailure("malformed", f"answered {path} with a body that is not JSON")
+            raise DifyMalformed(f"answered {path} with a body that is not JSON")
 
     def watch(self, stream):
         self._streams.add(stream)
@@ -614,7 +667,7 @@ class DifyClient:
         deadline = time.monotonic() - self.idle_timeout
         for stream in [s for s in self._streams if s.last_activity < deadline and not s.paused]:
             log.warning("Dify stream silent for %.1f s; closing it", self.idle_timeout)
-            stream.fail(StreamFailure("timeout", f"sent nothing for {self.idle_timeout:g} s"))
+            stream.fail(DifyTimeout(f"sent nothing for {self.idle_timeout:g} s", self.idle_timeout))
 
     def close(self):
         if self._watchdog is not None:

@@ -8,6 +8,8 @@ twice by default, which re-runs the Dify app, so deterministic failures say
 
 from tornado.web import HTTPError
 
+from dify_client import DifyBusy, DifyError, DifyMalformed, DifyTimeout, DifyUnreachable
+
 
 class APIError(HTTPError):
     def __init__(self, status, message, type="invalid_request_error", code=None, param=None,
@@ -119,3 +121,22 @@ def upstream_timeout(model, seconds):
 def upstream_broken(model, detail):
     return APIError(502, f"The Dify app for model '{model}' {detail}.", type="server_error",
                     code="upstream_error")
+
+
+def from_dify_failure(failure, model):
+    """The one mapping of a Dify failure (dify_client's DifyFailure hierarchy) to what the OpenAI
+    client sees; Dify's own Retry-After is kept when the mapping sets none."""
+    if isinstance(failure, DifyError):
+        error = from_dify(failure.status, failure.code, failure.message, model)
+        if failure.retry_after and error.retry_after is None:
+            error.retry_after = failure.retry_after
+        return error
+    if isinstance(failure, DifyUnreachable):
+        return upstream_unreachable(model, failure.detail)
+    if isinstance(failure, DifyTimeout):
+        return upstream_timeout(model, failure.seconds)
+    if isinstance(failure, DifyBusy):
+        return dify_busy(failure.limit, failure.detail)
+    if isinstance(failure, DifyMalformed):
+        return upstream_broken(model, failure.detail)
+    return upstream_broken(model, "closed the connection before the answer was complete")

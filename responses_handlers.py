@@ -12,9 +12,9 @@ from urllib.parse import urlencode
 
 from apps import CHAT_FAMILY
 from completions import Answer
-from dify_client import DifyError, StreamFailure
+from dify_client import DifyError, DifyFailure
 from dify_events import translator_for
-from errors import APIError, bad_request, from_dify, upstream_unreachable
+from errors import APIError, bad_request, from_dify_failure
 from handlers import AnswerHandler, BaseHandler
 from identity import dify_user
 from responses_ids import make_response_id, read_response_id
@@ -111,13 +111,11 @@ class ResponseHandler(BaseHandler):
         query = urlencode({"conversation_id": ref.conversation_id, "user": user, "limit": HISTORY_PAGE})
         try:
             page = await self.proxy.dify.get(app.key, f"/messages?{query}")
-        except DifyError as error:
-            if error.status == 404:
+        except DifyFailure as failure:
+            if isinstance(failure, DifyError) and failure.status == 404:
                 raise APIError(404, f"The Dify conversation of response '{response_id}' no longer exists "
                                     "(deleted or expired in Dify).", code="not_found")
-            raise from_dify(error.status, error.code, error.message, app.model_id)
-        except StreamFailure as failure:
-            raise upstream_unreachable(app.model_id, failure.detail)
+            raise from_dify_failure(failure, app.model_id)
         rows = page.get("data") if isinstance(page, dict) else None
         row = next((r for r in rows or () if isinstance(r, dict) and r.get("id") == ref.message_id), None)
         if row is None:

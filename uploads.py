@@ -17,8 +17,8 @@ from tornado.ioloop import IOLoop
 import metrics
 from attachment_policy import Limits, Policy, describe_file, file_error, megabytes
 from attachments import attachment_parts, read_parts
-from dify_client import DifyError, StreamFailure
-from errors import dify_busy, from_dify, upstream_broken, upstream_timeout, upstream_unreachable
+from dify_client import DifyError, DifyTransportError
+from errors import from_dify_failure, upstream_broken
 from memory import new_turn_start
 from url_guard import URLGuard
 
@@ -134,14 +134,8 @@ class Uploads:
             answer = await self.dify.upload(app.key, attachment.name, attachment.mime, attachment.data, user)
         except DifyError as error:
             raise upload_error(error, attachment, model)
-        except StreamFailure as failure:
-            if failure.kind == "unreachable":
-                raise upstream_unreachable(model, failure.detail)
-            if failure.kind == "timeout":
-                raise upstream_timeout(model, self.dify.idle_timeout)
-            if failure.kind == "busy":
-                raise dify_busy(self.dify.max_connections, failure.detail)
-            raise upstream_broken(model, f"failed while receiving {attachment.name}: {failure.detail}")
+        except DifyTransportError as failure:
+            raise from_dify_failure(failure, model)
         upload_id = answer.get("id") if isinstance(answer, dict) else None
         if not isinstance(upload_id, str) or not upload_id:
             raise upstream_broken(model, f"answered the upload of {attachment.name} without a file id")
@@ -165,4 +159,4 @@ def upload_error(error, attachment, model):
     if error.status == 400:
         return file_error(400, error.code or "upload_rejected", attachment.where,
                           f"The Dify app behind model '{model}' refused {what}{detail}.")
-    return from_dify(error.status, error.code, error.message, model)
+    return from_dify_failure(error, model)

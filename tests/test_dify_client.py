@@ -19,7 +19,7 @@ import time
 import openai
 import pytest
 
-from dify_client import DifyClient, StreamFailure
+from dify_client import DifyClient, DifyUnreachable
 from fake_dify import End, Hang, Sleep, Text
 from forward_proxy import RecordingProxy
 from support import CLIENT_KEY, open_raw_stream, wait_for
@@ -233,9 +233,9 @@ def test_an_untrusted_dify_certificate_is_a_clear_unreachable_error(make_harness
         finally:
             client.close()
 
-    with pytest.raises(StreamFailure) as caught:
+    with pytest.raises(DifyUnreachable) as caught:
         harness.loop.run(ask_info())
-    assert caught.value.kind == "unreachable" and "certificate" in caught.value.detail.lower()
+    assert "certificate" in caught.value.detail.lower()
 
 
 # --- Dify restarts and outages -----------------------------------------------------------------
