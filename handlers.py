@@ -257,35 +257,38 @@ class AnswerHandler(BoundedBody, BaseHandler):
 class ChatCompletionsHandler(AnswerHandler):
     """POST /v1/chat/completions."""
 
+    parse_request = staticmethod(parse_chat_request)
+    new_id = staticmethod(new_completion_id)
+    encoder_class = ChunkEncoder
+    kind = "chat.completion"
+
     async def read(self):
-        self.completion_id = new_completion_id()
-        return await self.read_request(parse_chat_request)
+        self.completion_id = self.new_id()
+        return await self.read_request(self.parse_request)
 
     def encoder(self, request):
-        return ChunkEncoder(self.completion_id, request.model)
+        return self.encoder_class(self.completion_id, request.model)
 
     def answer_body(self, request, answer):
-        return completion_body(self.completion_id, int(time.time()), request.model,
-                               chat_choice(answer.message(), self.completion.finish_reason()), self.tokens)
+        return completion_body(self.completion_id, int(time.time()), request.model, self.choice(answer), self.tokens,
+                               kind=self.kind)
+
+    def choice(self, answer):
+        return chat_choice(answer.message(), self.completion.finish_reason())
 
 
-class TextCompletionsHandler(AnswerHandler):
+class TextCompletionsHandler(ChatCompletionsHandler):
     """Legacy POST /v1/completions (Continue's autocomplete, LlamaIndex `OpenAILike`): the prompt is
     run like a one-message chat and answered in the text_completion shape."""
 
     names_conversation = False
+    parse_request = staticmethod(parse_text_completion_request)
+    new_id = staticmethod(new_text_completion_id)
+    encoder_class = TextChunkEncoder
+    kind = "text_completion"
 
-    async def read(self):
-        self.completion_id = new_text_completion_id()
-        return await self.read_request(parse_text_completion_request)
-
-    def encoder(self, request):
-        return TextChunkEncoder(self.completion_id, request.model)
-
-    def answer_body(self, request, answer):
-        return completion_body(self.completion_id, int(time.time()), request.model,
-                               text_choice("".join(answer.content), self.completion.finish_reason()), self.tokens,
-                               kind="text_completion")
+    def choice(self, answer):
+        return text_choice("".join(answer.content), self.completion.finish_reason())
 
 
 def routes():
