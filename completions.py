@@ -22,7 +22,7 @@ from dify_events import translator_for
 from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tools, message_variable, offered_tools,
                            text_parts)
 from errors import bad_request, from_dify, from_dify_failure, upstream_broken
-from output_format import format_instructions, wants_json
+from output_format import wants_json
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from tool_calls import openai_tool_call
 from usage import usage_figures
@@ -105,7 +105,7 @@ class Completion:
         self._tool_text = ""
         self._inputs = {}
         self._target = None  # the input variable holding the user's text (completion and workflow apps)
-        self.format_instructions = format_instructions(request.body.get("response_format"))
+        self.format_instructions = request.format_instructions
         self.query_length = 0
         self._stream = None
         self._cancelled = False

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from attachments import ATTACHMENT_PARTS
 from content import TEXT_PARTS
 from errors import bad_request
+from output_format import format_instructions
 from tool_request import ToolRequestError, tool_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -37,6 +38,7 @@ class ChatRequest:
     conversation_id: str = ""
     body: dict = field(default_factory=dict, repr=False)
     tools: object = None  # the tools the client offers (a tool_request.ToolRequest), or None
+    format_instructions: str = ""  # what `response_format` asks of the model in words ("" for plain text)
 
 
 # Deeper than any real request (tool schemas included); deeper bodies would exhaust the recursion of
@@ -251,6 +253,7 @@ def parse_chat_request(body):
         tools = tool_request(body)
     except ToolRequestError as error:
         raise bad_request(str(error), param=error.param, code="invalid_tools")
+    instructions = format_instructions(body.get("response_format"))
     return ChatRequest(
         model=model,
         messages=messages,
@@ -261,6 +264,7 @@ def parse_chat_request(body):
         conversation_id=conversation_id if isinstance(conversation_id, str) else "",
         body={**body, "messages": messages},
         tools=tools,
+        format_instructions=instructions,
     )
 
 

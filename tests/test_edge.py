@@ -96,12 +96,15 @@ def test_clear_intent_is_read_tolerantly(harness):
 
 
 @pytest.mark.parametrize("model", [CHAT, "no such model"])
-def test_ill_typed_tools_are_a_400_at_the_edge(harness, model):
-    """Tool definitions are checked with the rest of the request, before the model is looked up."""
-    tools = [{"type": "function", "function": {"name": "f", "parameters": []}}]
-    status, _, body = post(harness, {"model": model, "messages": [user()], "tools": tools})
-    assert status == 400 and body["error"]["code"] == "invalid_tools"
-    assert body["error"]["param"] == "tools[0].function.parameters"
+@pytest.mark.parametrize("field, value, code, param", [
+    ("tools", [{"type": "function", "function": {"name": "f", "parameters": []}}], "invalid_tools",
+     "tools[0].function.parameters"),
+    ("response_format", {"type": "json_schema", "json_schema": {"name": "x"}}, "invalid_value", "response_format"),
+], ids=["tools", "response_format"])
+def test_ill_formed_tools_and_formats_are_a_400_at_the_edge(harness, model, field, value, code, param):
+    """Tools and the response format are checked with the rest of the request, before the model is looked up."""
+    status, _, body = post(harness, {"model": model, "messages": [user()], field: value})
+    assert status == 400 and body["error"]["code"] == code and body["error"]["param"] == param
     assert not harness.dify.requests_to("/chat-messages")
 
 
