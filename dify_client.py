@@ -9,7 +9,7 @@ next sends something.
 
 Around each fetch this module adds what a streaming proxy needs and the client lacks:
 - slots: at most DIFY_MAX_CONNECTIONS requests at once. A request waits for a slot at
-  most the connect timeout and then fails as "busy"; its idle clock starts only when it
+  most the connect timeout and then fails with DifyBusy; its idle clock starts only when it
   goes out. Stop calls and app refreshes use a second client with slots of their own,
   so they never wait behind streams.
 - no total time limit on streams (libcurl's TIMEOUT is one): a watchdog fails any stream
@@ -324,8 +324,9 @@ class Exchange:
 class EventStream(Exchange):
     """One SSE response from Dify, parsed into event dicts as the bytes arrive.
 
-    libcurl hands every network read to `_on_chunk` (one loop callback per read); complete
-    events are handed to the reader in batches: one wake-up per read, not per event.
+    libcurl's write callback parses every network read as it comes (`_write`; the simple client's
+    streaming callback does the same through `_on_chunk`); complete events are handed to the reader
+    in batches: one wake-up per read, not per event.
     """
 
     def __init__(self, client, key, path, body):

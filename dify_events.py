@@ -16,7 +16,7 @@ import re
 
 from agent_work import OBSERVATION_LIMIT, call_line, same_text, summarise, tool_uses
 from answer_markdown import file_markdown, files_base, render_outputs
-from errors import APIError, from_dify
+from errors import from_dify, run_failed
 from pieces import CONTENT, REASONING, REPLACE
 from thinking import ThinkSplitter
 from usage import estimate_tokens
@@ -42,12 +42,6 @@ def _error_status(value):
     if value.__class__ is int and 400 <= value <= 599:
         return value
     return 500
-
-
-def run_failed(model, detail):
-    """A failed chatflow or workflow run: the app's own error text; retrying re-runs the same failure."""
-    return APIError(502, f"The Dify app for model '{model}' failed: {detail or 'no detail'}", type="server_error",
-                    code="workflow_failed", retry=False)
 
 
 def translator_for(mode, model, settings=None):

@@ -101,6 +101,12 @@ def from_dify(status, code, message, model):
     return APIError(502, f"The {where} failed: {message}", type="server_error", code="upstream_error")
 
 
+def run_failed(model, detail):
+    """A failed chatflow or workflow run: the app's own error text; retrying re-runs the same failure."""
+    return APIError(502, f"The Dify app for model '{model}' failed: {detail or 'no detail'}", type="server_error",
+                    code="workflow_failed", retry=False)
+
+
 def upstream_unreachable(model, detail):
     return APIError(502, f"Cannot reach the Dify app for model '{model}': {detail}", type="server_error",
                     code="upstream_unreachable", retry_after=2)
