@@ -1,4 +1,4 @@
-"""The SSE relay end to end, the Dify connection pool and the SSE decoder.
+"""The SSE relay end to end.
 
 The proxy runs against the fake Dify scripted slow and bursty, and the tests check what the
 client received; the pacer's own decisions are tested with injected time in test_pacing.py.
@@ -7,13 +7,11 @@ client received; the pacer's own decisions are tested with injected time in test
 import asyncio
 import json
 import socket
-import time
 
 import pytest
 
-from dify_client import DifyMalformed, SSEDecoder
-from fake_dify import End, Event, Hang, Raw, Sleep, Text
-from support import CLIENT_KEY, WORDS, sse_events, wait_for
+from fake_dify import End, Event, Raw, Sleep, Text
+from support import CLIENT_KEY, WORDS, sse_events
 
 CHAT = "Chat Bot"
 
@@ -112,92 +110,6 @@ def test_the_first_text_leaves_with_the_headers_and_no_event_waits_for_an_ack(ha
         while b"[DONE]" not in rest:
             rest += conn.recv(65536)
     assert b'"content":" world"' in rest
-
-
-# --- connections to Dify ---------------------------------------------------------------------
-
-def test_requests_reuse_connections_to_dify(harness):
-    client = harness.client()
-    client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "warm up"}])
-    opened = harness.dify.connections_opened
-    for turn in range(10):
-        stream = client.chat.completions.create(model=CHAT, stream=turn % 2 == 0,
-                                                messages=[{"role": "user", "content": f"turn {turn}"}])
-        if turn % 2 == 0:
-            assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == f"Echo: turn {turn}"
-        else:
-            assert stream.choices[0].message.content == f"Echo: turn {turn}"
-    assert harness.dify.connections_opened == opened
-
-
-def test_a_connection_dify_closed_while_idle_is_not_used(harness):
-    client = harness.client()
-    client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "one"}])
-    opened = harness.dify.connections_opened
-    harness.loop.run(harness.dify._server.close_all_connections())
-    answer = client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "two"}])
-    assert answer.choices[0].message.content == "Echo: two"
-    assert harness.dify.connections_opened == opened + 1
-
-
-def test_a_stream_the_client_left_closes_its_connection_and_the_next_request_works(harness):
-    harness.dify.script(harness.key_of(CHAT), Text("first words"), Hang())
-    with pytest.raises(OSError):
-        harness.raw("POST", "/v1/chat/completions",
-                    {"model": CHAT, "stream": True, "messages": [{"role": "user", "content": "x"}]}, timeout=0.5)
-    assert wait_for(lambda: harness.dify.stops and harness.dify.active_streams == 0)
-    answer = harness.client().chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "next"}])
-    assert answer.choices[0].message.content == "Echo: next"
-
-
-# --- the SSE decoder, fed in every possible split -----------------------------------------------
-
-SSE = ('event: ping\n\ndata: {"answer": "\u72d0\U0001f98a", "task_id": "t1"}\n\n: comment\n'
-       'data: {"answer":\ndata: "two lines"}\r\n\r\ndata: {"answer": "last"}').encode()
-SSE_EVENTS = [{"answer": "\u72d0\U0001f98a", "task_id": "t1"}, {"answer": "two lines"}, {"answer": "last"}]
-
-
-def decode(pieces):
-    decoder, events = SSEDecoder(), []
-    for piece in pieces:
-        decoder.feed(piece, events)
-    decoder.finish(events)
-    return decoder, events
-
-
-@pytest.mark.parametrize("cut", range(1, len(SSE)))
-def test_an_sse_body_split_anywhere_decodes_whole(cut):
-    decoder, events = decode([SSE[:cut], SSE[cut:]])
-    assert events == SSE_EVENTS and decoder.task_id == "t1"
-
-
-def test_an_sse_body_fed_byte_by_byte_decodes_whole():
-    assert decode([SSE[i:i + 1] for i in range(len(SSE))])[1] == SSE_EVENTS
-
-
-def test_a_long_sse_line_in_many_reads_costs_what_one_read_costs():
-    """Issue 14 item 6: a 4 MB line arriving in 4 KiB reads was joined to its growing tail on every
-    read (quadratic: ~10x the single read's CPU). Measured as CPU time of this thread, with a
-    generous bound; the figure is in the note."""
-    line = b'data: {"answer": "' + b"x" * (4 * 1024 * 1024) + b'"}\n\n'
-    reads = [line[i:i + 4096] for i in range(0, len(line), 4096)]
-
-    def cpu(pieces):
-        best = float("inf")
-        for _ in range(3):
-            started = time.thread_time()
-            assert len(decode(pieces)[1][0]["answer"]) == 4 * 1024 * 1024
-            best = min(best, time.thread_time() - started)
-        return best
-
-    whole, split = cpu([line]), cpu(reads)
-    assert split < 3 * whole + 0.02, f"{len(reads)} reads: {split * 1000:.1f} ms of CPU, one read: {whole * 1000:.1f} ms"
-
-
-def test_data_that_is_not_a_json_object_is_malformed():
-    for body in (b"data: [1, 2]\n\n", b"data: {nope\n\n"):
-        with pytest.raises(DifyMalformed):
-            decode([body])
 
 
 def test_main_runs_on_uvloop_when_it_is_installed():
