@@ -1,5 +1,6 @@
 """The server as users run it: `python main.py`, configured by environment and `.env`."""
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -110,3 +111,13 @@ def test_python_main_serves_the_apps(harness, tmp_path):
     for app in harness.dify.apps:
         assert app.key not in output
     assert CLIENT_KEY not in output
+
+
+def test_main_runs_on_uvloop():
+    """uvloop is in requirements.txt on CPython/Linux, and main.py must actually run on it."""
+    import main
+
+    async def loop_kind():
+        return type(asyncio.get_running_loop()).__module__
+
+    assert main.run(loop_kind()).startswith("uvloop")

@@ -4,7 +4,6 @@ The proxy runs against the fake Dify scripted slow and bursty, and the tests che
 client received; the pacer's own decisions are tested with injected time in test_pacing.py.
 """
 
-import asyncio
 import json
 import socket
 
@@ -110,13 +109,3 @@ def test_the_first_text_leaves_with_the_headers_and_no_event_waits_for_an_ack(ha
         while b"[DONE]" not in rest:
             rest += conn.recv(65536)
     assert b'"content":" world"' in rest
-
-
-def test_main_runs_on_uvloop_when_it_is_installed():
-    pytest.importorskip("uvloop")
-    import main
-
-    async def loop_kind():
-        return type(asyncio.get_running_loop()).__module__
-
-    assert main.run(loop_kind()).startswith("uvloop")
