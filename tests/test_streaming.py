@@ -7,8 +7,6 @@ client received; the pacer's own decisions are tested with injected time in test
 import json
 import socket
 
-import pytest
-
 from fake_dify import End, Event, Raw, Sleep, Text
 from support import CLIENT_KEY, WORDS, sse_events
 
