@@ -22,7 +22,6 @@ from dify_events import translator_for
 from dify_requests import (app_inputs, dify_query, dify_request, fits, kept_tools, message_variable, offered_tools,
                            text_parts)
 from errors import bad_request, from_dify, from_dify_failure, upstream_broken
-from output_format import wants_json
 from pieces import CONTENT, MARK, REASONING, REPLACE, TOOL_CALL
 from tool_calls import openai_tool_call
 from usage import usage_figures
@@ -119,7 +118,7 @@ class Completion:
     def _answer_pipeline(self):
         """The stages this request's answer passes (answer_pipeline.py). A reply that must parse as JSON
         carries no mark: its conversation id is in X-Dify-Conversation-Id."""
-        structured = wants_json(self.request.body.get("response_format"))
+        structured = self.request.structured
         marked = self.reads_marks and not structured
         return AnswerPipeline(self.translator, self.tool_request, structured,
                               ReplyMark(self._reply_mark, self.request.stream) if marked else None)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from attachments import ATTACHMENT_PARTS
 from content import TEXT_PARTS
 from errors import bad_request
-from output_format import format_instructions
+from output_format import format_instructions, wants_json
 from tool_request import ToolRequestError, tool_request
 
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
@@ -39,6 +39,7 @@ class ChatRequest:
     body: dict = field(default_factory=dict, repr=False)
     tools: object = None  # the tools the client offers (a tool_request.ToolRequest), or None
     format_instructions: str = ""  # what `response_format` asks of the model in words ("" for plain text)
+    structured: bool = False  # `response_format` asks for JSON: the reply must parse as JSON
 
 
 # Deeper than any real request (tool schemas included); deeper bodies would exhaust the recursion of
@@ -265,6 +266,7 @@ def parse_chat_request(body):
         body={**body, "messages": messages},
         tools=tools,
         format_instructions=instructions,
+        structured=wants_json(body.get("response_format")),
     )
 
 
